@@ -1,0 +1,1 @@
+"""Diffusion models (DDPM, DDIM, PNDM, DeepCache) with Lightning and Hydra."""
