@@ -1,0 +1,50 @@
+"""Image output: [-1, 1] float tensors to uint8, grids, PNGs and the .npz that FID tools read."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["to_uint8", "grid", "save_png", "save_npz"]
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (NHWC, the layout of FID reference batches)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 [B, H, W, C] images into one [rows*H, cols*W, C] image with `pad` pixels between them."""
+    b, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncols)
+    out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncols)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    return out
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return path
+
+
+def save_npz(images: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write uint8 [N, H, W, C] images as `arr_0` of an .npz, atomically (the format of FID tools)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, images)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,38 @@
+"""What entry points do before building a Trainer: pick the precision, and keep DDP workers in this run.
+
+Lightning starts DDP workers by re-running the command line with `hydra.run.dir` set to the parent's run
+directory. Under a Hydra multirun that command line is the whole sweep, so each worker would start a sweep of
+its own in new directories. `prepare_workers` points the workers at this job alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = ["prepare_workers", "resolve_precision"]
+
+
+def prepare_workers() -> None:
+    """Make DDP workers re-run exactly this job, in this job's directory (call inside @hydra.main)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or "LOCAL_RANK" in os.environ:  # not Hydra, or already a worker
+        return
+    hydra_cfg = HydraConfig.get()
+    os.environ["DIFFUSION_RUN_DIR"] = hydra_cfg.runtime.output_dir  # read by conf/train.yaml's hydra.run.dir
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+
+
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
+    """`auto` -> bf16-mixed on a CUDA GPU that supports it, else full precision; anything else unchanged."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if on_gpu and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"

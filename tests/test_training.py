@@ -1,0 +1,85 @@
+"""The loss, the EMA update, and checkpoint files (atomic writes, safe loading)."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion import checkpoints, schedule
+from diffusion.training import ema_update, eps_loss
+
+
+def test_eps_loss_is_zero_for_the_exact_predictor_and_one_for_zero():
+    """Data x0 = 0: then x_t = sqrt(1 - abar) eps, so x_t / sqrt(1 - abar) is the exact noise."""
+    sched = schedule.linear(1000)
+
+    def exact(x, t):
+        return x / (1 - sched.alphas_cumprod[t].float()).sqrt().view(-1, 1, 1, 1)
+
+    x0 = torch.zeros(256, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    assert eps_loss(exact, sched, x0, generator=g).item() < 1e-10
+    zero_loss = eps_loss(lambda x, t: torch.zeros_like(x), sched, x0, generator=g).item()
+    assert zero_loss == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1
+
+
+def test_eps_loss_draws_from_the_generator():
+    sched = schedule.linear(100)
+    net = nn.Conv2d(3, 3, 1)
+    model = lambda x, t: net(x)  # noqa: E731
+    x0 = torch.randn(8, 3, 4, 4)
+    a = eps_loss(model, sched, x0, generator=torch.Generator().manual_seed(3))
+    b = eps_loss(model, sched, x0, generator=torch.Generator().manual_seed(3))
+    c = eps_loss(model, sched, x0, generator=torch.Generator().manual_seed(4))
+    assert a.item() == b.item() != c.item()
+
+
+def test_ema_update_is_the_exponential_average():
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        for p in ema.parameters():
+            p.fill_(0.0)
+    for _ in range(3):
+        ema_update(ema, model, decay=0.9)
+    for p in ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1 - 0.9**3))
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    io = checkpoints.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "config": {}}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoints.load(path)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint at"):
+        checkpoints.load(tmp_path / "nope.ckpt")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"\x80\x04 not really a checkpoint")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
+        checkpoints.load(tmp_path / "corrupt.ckpt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.ckpt")
+    with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint of this project"):
+        checkpoints.load(tmp_path / "foreign.ckpt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this ran from a checkpoint",))
+
+
+def test_load_never_runs_code_from_a_checkpoint(tmp_path):
+    torch.save({"state_dict": {}, "config": {}, "payload": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
+        checkpoints.load(tmp_path / "evil.ckpt")
