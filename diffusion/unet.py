@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 __all__ = ["UNet", "timestep_embedding"]
 
-GROUPS = 32  # GroupNorm groups everywhere (Wu & He 2018), so every width must divide by 32
+GROUPS = 32  # DDPM's GroupNorm groups (Wu & He 2018); every width must divide by the group count
 NORM_EPS = 1e-6  # tf.contrib group_norm's epsilon, which the released weights were trained with
 
 
@@ -38,8 +38,8 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, c, eps=NORM_EPS)
+def _norm(c: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, c, eps=NORM_EPS)
 
 
 # ---------------------------------------------------------------- blocks
@@ -48,11 +48,11 @@ def _norm(c: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """Wide-ResNet block; the embedded timestep is added between the two convs (DDPM, Appendix B)."""
 
-    def __init__(self, cin: int, cout: int, temb_ch: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, temb_ch: int, dropout: float, groups: int = GROUPS) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, cout)
-        self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
+        self.norm2, self.dropout = _norm(cout, groups), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -65,9 +65,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over the H*W positions, residual (DDPM, Appendix B; PixelSNAIL)."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, groups: int = GROUPS) -> None:
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.norm, self.qkv, self.proj = _norm(c, groups), nn.Linear(c, 3 * c), nn.Linear(c, c)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
@@ -102,10 +102,10 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of either path: ResBlocks, each followed by attention (or Identity), then a resample."""
 
-    def __init__(self, res: list[ResBlock], attn: bool, resample: nn.Module | None) -> None:
+    def __init__(self, res: list[ResBlock], attn: bool, resample: nn.Module | None, groups: int = GROUPS) -> None:
         super().__init__()
         self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(Attention(b.conv2.out_channels) if attn else nn.Identity() for b in res)
+        self.attn = nn.ModuleList(Attention(b.conv2.out_channels, groups) if attn else nn.Identity() for b in res)
         self.resample = resample
 
     def block(self, j: int, h: Tensor, temb: Tensor) -> Tensor:
@@ -115,10 +115,10 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """ResBlock, Attention, ResBlock at the lowest resolution."""
 
-    def __init__(self, c: int, temb_ch: int, dropout: float) -> None:
+    def __init__(self, c: int, temb_ch: int, dropout: float, groups: int = GROUPS) -> None:
         super().__init__()
-        self.res1, self.attn = ResBlock(c, c, temb_ch, dropout), Attention(c)
-        self.res2 = ResBlock(c, c, temb_ch, dropout)
+        self.res1, self.attn = ResBlock(c, c, temb_ch, dropout, groups), Attention(c, groups)
+        self.res2 = ResBlock(c, c, temb_ch, dropout, groups)
 
     def forward(self, h: Tensor, temb: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(h, temb)), temb)
@@ -134,6 +134,8 @@ class UNet(nn.Module):
         ch: base width; level i has ch * ch_mult[i] channels and the time embedding 4 * ch.
         attn_resolutions: feature-map sizes (relative to `resolution`) that get self-attention.
         resolution: the training image size; it decides where attention goes.
+        norm_groups: GroupNorm groups. Keep >= 2 channels per group: a group of one channel cancels the
+            per-channel time shift a ResBlock adds, and the network no longer sees t.
     """
 
     def __init__(
@@ -146,11 +148,13 @@ class UNet(nn.Module):
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
         resolution: int = 32,
+        norm_groups: int = GROUPS,
     ) -> None:
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
-        _check_args(in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution)
+        _check_args(in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, norm_groups)
         self.ch, self.num_levels, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
+        self.in_channels, self.resolution = in_channels, resolution  # the input shape samplers draw noise in
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -160,23 +164,23 @@ class UNet(nn.Module):
         for i, mult in enumerate(ch_mult):
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cin, ch * mult, temb_ch, dropout))
+                blocks.append(ResBlock(cin, ch * mult, temb_ch, dropout, norm_groups))
                 cin = ch * mult
                 skips.append(cin)
             last = i == self.num_levels - 1
             self.down.append(Level(blocks, resolution >> i in attn_resolutions, None if last else Downsample(cin)))
             if not last:
                 skips.append(cin)
-        self.mid = Middle(cin, temb_ch, dropout)
+        self.mid = Middle(cin, temb_ch, dropout, norm_groups)
         up = []
         for i in reversed(range(self.num_levels)):
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(cin + skips.pop(), ch * ch_mult[i], temb_ch, dropout))
+                blocks.append(ResBlock(cin + skips.pop(), ch * ch_mult[i], temb_ch, dropout, norm_groups))
                 cin = ch * ch_mult[i]
             up.insert(0, Level(blocks, resolution >> i in attn_resolutions, Upsample(cin) if i > 0 else None))
         self.up = nn.ModuleList(up)  # up[i] works at the resolution of down[i]
-        self.norm_out, self.conv_out = _norm(cin), nn.Conv2d(cin, out_channels, 3, padding=1)
+        self.norm_out, self.conv_out = _norm(cin, norm_groups), nn.Conv2d(cin, out_channels, 3, padding=1)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -236,11 +240,13 @@ class UNet(nn.Module):
         return self.head(h)
 
 
-def _check_args(in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution) -> None:
+def _check_args(
+    in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, norm_groups
+) -> None:
     if in_channels < 1 or out_channels < 1:
         raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
-    if ch < GROUPS or ch % GROUPS:
-        raise ValueError(f"ch={ch} must be a positive multiple of {GROUPS}: GroupNorm uses {GROUPS} groups")
+    if norm_groups < 1 or ch % norm_groups:
+        raise ValueError(f"ch={ch} must be a positive multiple of norm_groups={norm_groups} (GroupNorm's groups)")
     if not ch_mult or min(ch_mult) < 1:
         raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")
     if num_res_blocks < 1:
