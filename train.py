@@ -27,9 +27,7 @@ def train(cfg: DictConfig) -> DiffusionModule:
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
 
     schedule = instantiate(cfg.schedule)
-    module = DiffusionModule(
-        instantiate(cfg.model), schedule, instantiate(cfg.optim), **cfg.module, config=config
-    )
+    module = DiffusionModule(instantiate(cfg.model), schedule, instantiate(cfg.optim), **cfg.module, config=config)
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(
         cfg.trainer,

@@ -39,6 +39,4 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
             "or set WANDB_MODE=disabled or logger=csv to skip W&B."
         )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
-        save_dir=save_dir, project=project, name=name, id=id, resume="allow" if id else None, **kwargs
-    )
+    return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, resume="allow" if id else None, **kwargs)

@@ -152,7 +152,9 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
-        _check_args(in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, norm_groups)
+        _check_args(
+            in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, norm_groups
+        )
         self.ch, self.num_levels, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.in_channels, self.resolution = in_channels, resolution  # the input shape samplers draw noise in
         temb_ch = 4 * ch

@@ -23,8 +23,9 @@ def test_ddim_recovers_a_point_for_any_timesteps(spacing, eta):
     x_star = torch.linspace(-0.9, 0.9, 3 * 4 * 4, dtype=torch.float64).view(1, 3, 4, 4)
     noise = torch.randn(5, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ts = timesteps.SPACINGS[spacing](7, sched.T)
-    x0 = samplers.ddim(point_model(x_star, sched), noise, sched, ts, eta=eta, clip=False,
-                       generator=torch.Generator().manual_seed(1))
+    x0 = samplers.ddim(
+        point_model(x_star, sched), noise, sched, ts, eta=eta, clip=False, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.allclose(x0, x_star.expand_as(x0), atol=1e-6)
 
 

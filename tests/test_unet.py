@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 from diffusion.unet import Attention, ResBlock, UNet, timestep_embedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-TINY = dict(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, resolution=32, norm_groups=8)
+TINY = dict(
+    ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, resolution=32, norm_groups=8
+)
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=32)
 CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
 CELEBA = dict(ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=64)
@@ -37,7 +39,9 @@ def diffusers_unet(
     in_channels=3, out_channels=3, *, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, norm_groups=32
 ):
     """diffusers' UNet2DModel with the google/ddpm-* settings, for the same layout as UNet(**kwargs)."""
-    down = tuple("AttnDownBlock2D" if resolution >> i in attn_resolutions else "DownBlock2D" for i in range(len(ch_mult)))
+    down = tuple(
+        "AttnDownBlock2D" if resolution >> i in attn_resolutions else "DownBlock2D" for i in range(len(ch_mult))
+    )
     return UNet2DModel(
         sample_size=resolution,
         in_channels=in_channels,
@@ -137,7 +141,9 @@ def test_model_configs_instantiate(file, size, expected):
 
 @pytest.mark.parametrize("size", [16, 32])
 def test_tiny_config_runs_at_16_and_32(size):
-    cfg = OmegaConf.create({"data": {"image_size": size, "channels": 3}, "model": OmegaConf.load(CONF / "unet_tiny.yaml")})
+    cfg = OmegaConf.create(
+        {"data": {"image_size": size, "channels": 3}, "model": OmegaConf.load(CONF / "unet_tiny.yaml")}
+    )
     model = instantiate(cfg.model)
     assert model(torch.randn(2, 3, size, size), 7).shape == (2, 3, size, size)
 
@@ -147,7 +153,10 @@ def test_tiny_config_runs_at_16_and_32(size):
 
 def test_timestep_embedding_follows_its_formula():
     dim, half = 128, 64
-    assert torch.equal(timestep_embedding(torch.zeros(3, dtype=torch.long), dim), torch.cat([torch.zeros(3, half), torch.ones(3, half)], 1))
+    assert torch.equal(
+        timestep_embedding(torch.zeros(3, dtype=torch.long), dim),
+        torch.cat([torch.zeros(3, half), torch.ones(3, half)], 1),
+    )
     t = torch.tensor([1, 37, 999])
     emb = timestep_embedding(t, dim)
     freqs = [10000 ** (-k / (half - 1)) for k in range(half)]  # 1 down to 1e-4
