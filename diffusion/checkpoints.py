@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import UsageError
 
-__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "newest"]
+__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "newest"]
 
 
 class CheckpointError(UsageError):
@@ -90,3 +90,47 @@ def newest(root: str | os.PathLike, name: str = "last.ckpt") -> Path | None:
     """The most recently written `name` below `root` (e.g. the last run's last.ckpt), or None."""
     found = [p for p in Path(root).rglob(name) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+# ---------------------------------------------------------------- models from checkpoints
+
+TRUSTED_TARGETS = ("diffusion.",)  # a checkpoint's config may only build objects from this package
+
+
+def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """The network (EMA or raw weights, in eval mode) and the schedule described by a checkpoint's config.
+
+    Returns (model, schedule). The config's `_target_`s are checked against this package before anything is
+    built, so a crafted checkpoint cannot name an arbitrary callable.
+    """
+    from hydra.utils import instantiate  # the configs are Hydra's; only this function builds from one
+
+    config = checkpoint["config"]
+    for key in ("model", "schedule"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"the checkpoint's config has no '{key}' section: it was not written by train.py")
+        _check_targets(config[key], key)
+    model, schedule = instantiate(config["model"]), instantiate(config["schedule"])
+    prefix = "ema." if use_ema else "model."
+    state = {
+        k[len(prefix) :].replace("_orig_mod.", ""): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(prefix)
+    }
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"the checkpoint's {prefix[:-1]} weights do not fit its model config: {error}") from None
+    return model.to(device).eval().requires_grad_(False), schedule.to(device)
+
+
+def _check_targets(node: Any, where: str) -> None:
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(TRUSTED_TARGETS):
+            raise CheckpointError(f"refusing to build {where}._target_={target!r}: only diffusion.* objects load")
+        for key, value in node.items():
+            _check_targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_targets(value, f"{where}[{i}]")
