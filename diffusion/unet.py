@@ -170,7 +170,8 @@ class UNet(nn.Module):
                 cin = ch * mult
                 skips.append(cin)
             last = i == self.num_levels - 1
-            self.down.append(Level(blocks, resolution >> i in attn_resolutions, None if last else Downsample(cin)))
+            attn = resolution >> i in attn_resolutions
+            self.down.append(Level(blocks, attn, None if last else Downsample(cin), norm_groups))
             if not last:
                 skips.append(cin)
         self.mid = Middle(cin, temb_ch, dropout, norm_groups)
@@ -180,7 +181,8 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResBlock(cin + skips.pop(), ch * ch_mult[i], temb_ch, dropout, norm_groups))
                 cin = ch * ch_mult[i]
-            up.insert(0, Level(blocks, resolution >> i in attn_resolutions, Upsample(cin) if i > 0 else None))
+            attn = resolution >> i in attn_resolutions
+            up.insert(0, Level(blocks, attn, Upsample(cin) if i > 0 else None, norm_groups))
         self.up = nn.ModuleList(up)  # up[i] works at the resolution of down[i]
         self.norm_out, self.conv_out = _norm(cin, norm_groups), nn.Conv2d(cin, out_channels, 3, padding=1)
         self._init_weights()

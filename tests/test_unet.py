@@ -265,3 +265,9 @@ def test_shallow_pass_around_a_cached_deep_feature_equals_forward(i, j):
 def test_bad_arguments_raise_a_helpful_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNet(**{**CIFAR10, **kwargs})
+
+
+def test_every_group_norm_uses_norm_groups():
+    model = UNet(**{**TINY, "ch": 16, "norm_groups": 4})
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)

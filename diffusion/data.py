@@ -1,0 +1,309 @@
+"""DataModules: CIFAR-10, CelebA 64x64, a folder of images, and built-in synthetic shapes.
+
+Every module yields image batches [B, C, H, W] in [-1, 1], no labels. Training reads an endless stream whose
+order (and flips) depend only on the seed and the position in the stream, so a resumed run picks up exactly
+where it stopped, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from .errors import UsageError
+
+__all__ = ["DataNotFoundError", "StreamSampler", "CIFAR10", "CelebA", "ImageFolder", "Synthetic"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class DataNotFoundError(UsageError):
+    """A dataset's files are not where the config says they are."""
+
+
+def _seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integers, so (seed, epoch) and (seed, index) streams never collide."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _to_tensor(image: Image.Image) -> Tensor:
+    return TF.to_tensor(image) * 2 - 1  # [0, 1] -> [-1, 1]
+
+
+# ---------------------------------------------------------------- the resumable stream
+
+
+class StreamSampler(Sampler):
+    """Endless (index, flip) pairs: position p of the global stream is element p % n of epoch p // n's
+    permutation; rank r of `world_size` takes positions r, r + W, r + 2W, ... from `start` on."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0, flip: bool = True):
+        if n < 1:
+            raise ValueError("the dataset is empty")
+        self.n, self.seed, self.rank, self.world_size, self.flip = n, seed, rank, world_size, flip
+        self.start = start + (rank - start) % world_size  # the first position >= start that is this rank's
+
+    def _epoch(self, epoch: int) -> tuple[list[int], list[bool]]:
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        perm = torch.randperm(self.n, generator=g)
+        flips = torch.randint(0, 2, (self.n,), generator=g).bool() & self.flip
+        return perm.tolist(), flips.tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        p, epoch, (perm, flips) = self.start, self.start // self.n, self._epoch(self.start // self.n)
+        while True:
+            e, j = divmod(p, self.n)
+            if e != epoch:
+                epoch, (perm, flips) = e, self._epoch(e)
+            yield perm[j], flips[j]
+            p += self.world_size
+
+
+class _Flipped(Dataset):
+    """Training view of a dataset: item (i, flip) is image i, mirrored left-right when flip is set."""
+
+    def __init__(self, images: Dataset) -> None:
+        self.images = images
+
+    def __getitem__(self, key: tuple[int, bool]) -> Tensor:
+        i, flip = key
+        x = self.images[i]
+        return x.flip(-1) if flip else x
+
+
+# ---------------------------------------------------------------- the shared DataModule
+
+
+class _ImageData(L.LightningDataModule):
+    """Loaders shared by every dataset; subclasses only say how to build the train and validation sets.
+
+    Args:
+        root: where the files are.
+        batch_size: per process.
+        hflip: random horizontal flips for training (drawn from the stream, so resuming replays them).
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int = 3, batch_size: int = 128,
+                 num_workers: int = 4, seed: int = 0, hflip: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.root, self.image_size, self.channels = Path(root), image_size, channels
+        self.batch_size, self.num_workers, self.seed, self.hflip = batch_size, num_workers, seed, hflip
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def build(self) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self.build()
+
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, world size, images already consumed by all ranks together) from the attached trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 0
+        consumed = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * trainer.world_size
+        return trainer.global_rank, trainer.world_size, consumed
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world, consumed = self._placement()
+        sampler = StreamSampler(len(self.train_set), self.seed, rank, world, start=consumed, flip=self.hflip)
+        return self._loader(_Flipped(self.train_set), sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world, _ = self._placement()
+        # Each rank scores a disjoint shard; the logged loss is averaged across ranks.
+        return self._loader(Subset(self.val_set, range(rank, len(self.val_set), world)))
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+class CIFAR10(_ImageData):
+    """torchvision's CIFAR-10 at 32x32: the 50k training images, the 10k test images for the validation loss."""
+
+    URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+    def __init__(self, root: str, download: bool = True, **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self.download = download
+
+    def _missing(self, why: str) -> DataNotFoundError:
+        return DataNotFoundError(
+            f"CIFAR-10 is not in {self.root / 'cifar-10-batches-py'} ({why}). Download {self.URL}, extract it "
+            f"into {self.root}/ (it unpacks to cifar-10-batches-py/), or point data.root (or DIFFUSION_DATA) at a "
+            "folder that has it."
+        )
+
+    def prepare_data(self) -> None:
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        if (self.root / "cifar-10-batches-py").is_dir() or not self.download:
+            return
+        try:
+            TorchCIFAR10(str(self.root), train=True, download=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            raise self._missing(f"the download failed: {error}") from None
+
+    def build(self) -> tuple[Dataset, Dataset]:
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        try:
+            train, test = (TorchCIFAR10(str(self.root), train=split, transform=_to_tensor) for split in (True, False))
+        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+            raise self._missing(str(error).rstrip(". ")) from None
+        return _Images(train), _Images(test)
+
+
+class _Images(Dataset):
+    """Drops the labels of an (image, label) dataset."""
+
+    def __init__(self, labelled: Dataset) -> None:
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.labelled[i][0]
+
+
+# ---------------------------------------------------------------- CelebA
+
+
+class CelebA(_ImageData):
+    """CelebA aligned faces at 64x64 with the DDIM paper's preprocessing: the 128x128 box at top 57, left 25,
+    resized. Reads `<root>/celeba/img_align_celeba/` and `<root>/celeba/list_eval_partition.txt`, the layout
+    torchvision uses, without its other annotation files (partition 0 trains, 1 validates)."""
+
+    PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+
+    def build(self) -> tuple[Dataset, Dataset]:
+        folder, partition = self.root / "celeba" / "img_align_celeba", self.root / "celeba" / "list_eval_partition.txt"
+        if not folder.is_dir() or not partition.is_file():
+            raise DataNotFoundError(
+                f"CelebA is not in {self.root / 'celeba'}: it needs the folder {folder}/ (000001.jpg ...) and the "
+                f"file {partition}. Get img_align_celeba.zip and list_eval_partition.txt from {self.PAGE} (its "
+                "Google Drive often refuses scripted downloads: use a browser), unzip the images there, and put the "
+                "partition file beside the folder; or point data.root (or DIFFUSION_DATA) elsewhere."
+            )
+        splits: dict[int, list[Path]] = {0: [], 1: [], 2: []}
+        for line in partition.read_text().split("\n"):
+            if line.strip():
+                name, split = line.split()
+                splits[int(split)].append(folder / name)
+        return (_Files(splits[s], self._transform) for s in (0, 1))
+
+    def _transform(self, image: Image.Image) -> Tensor:
+        image = TF.crop(image.convert("RGB"), 57, 25, 128, 128)
+        return _to_tensor(TF.resize(image, [self.image_size] * 2, antialias=True))
+
+
+class _Files(Dataset):
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        try:
+            with Image.open(self.paths[i]) as image:
+                return self.transform(image)
+        except FileNotFoundError:
+            raise DataNotFoundError(f"{self.paths[i]} is listed but missing: is the dataset complete?") from None
+
+
+# ---------------------------------------------------------------- a folder of images
+
+
+class ImageFolder(_ImageData):
+    """Every image below `root` (png, jpg, webp, bmp), resized and centre-cropped to image_size; a fixed,
+    seeded `val_fraction` of the files is held out for the validation loss."""
+
+    def __init__(self, root: str, val_fraction: float = 0.01, **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self.val_fraction = val_fraction
+
+    def build(self) -> tuple[Dataset, Dataset]:
+        paths = (
+            sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if self.root.is_dir() else []
+        )
+        if len(paths) < 2:
+            raise DataNotFoundError(
+                f"found {len(paths)} images in {self.root}: data=folder needs a folder with at least two images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively); pass data.root=/path/to/images"
+            )
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = max(1, math.floor(self.val_fraction * len(paths)))
+        shuffled = [paths[i] for i in order]
+        return _Files(shuffled[n_val:], self._transform), _Files(shuffled[:n_val], self._transform)
+
+    def _transform(self, image: Image.Image) -> Tensor:
+        image = TF.resize(image.convert("RGB" if self.channels == 3 else "L"), self.image_size, antialias=True)
+        return _to_tensor(TF.center_crop(image, [self.image_size] * 2))
+
+
+# ---------------------------------------------------------------- built-in synthetic shapes
+
+
+class Synthetic(_ImageData):
+    """Coloured discs and squares on plain backgrounds, drawn from the index: no download, and a sample grid
+    shows at a glance whether a model learned them."""
+
+    COLOURS = torch.tensor(
+        [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], dtype=torch.float32
+    )
+
+    def __init__(self, root: str = "", num_images: int = 10000, num_val: int = 256, **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self.num_images, self.num_val = num_images, num_val
+
+    def build(self) -> tuple[Dataset, Dataset]:
+        shapes = _Shapes(self.image_size, self.channels, self.seed)
+        return Subset(shapes, range(self.num_images)), Subset(
+            shapes, range(self.num_images, self.num_images + self.num_val)
+        )
+
+
+class _Shapes(Dataset):
+    def __init__(self, size: int, channels: int, seed: int) -> None:
+        self.size, self.channels, self.seed = size, channels, seed
+        axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+        self.y, self.x = torch.meshgrid(axis, axis, indexing="ij")
+
+    def __getitem__(self, i: int) -> Tensor:
+        g = torch.Generator().manual_seed(_seed(self.seed, i))
+        u = torch.rand(5, generator=g)
+        colour = Synthetic.COLOURS[torch.randint(len(Synthetic.COLOURS), (1,), generator=g)].view(3, 1, 1)
+        background = -0.8 if u[0] < 0.5 else 0.6
+        radius = 0.15 + 0.2 * u[1]
+        cy, cx = radius + (1 - 2 * radius) * u[2], radius + (1 - 2 * radius) * u[3]
+        dy, dx = (self.y - cy).abs(), (self.x - cx).abs()
+        inside = (dy**2 + dx**2 <= radius**2) if u[4] < 0.5 else (torch.maximum(dy, dx) <= radius * 0.85)
+        image = torch.where(inside, colour, torch.full((3, 1, 1), background))
+        return image if self.channels == 3 else image.mean(0, keepdim=True).expand(self.channels, -1, -1).clone()

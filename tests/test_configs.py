@@ -1,0 +1,157 @@
+"""Every config file composes and builds its object; README's commands compose exactly as written."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import OmegaConf
+
+from diffusion.launch import resolve_precision
+
+from .conftest import CONF, ROOT, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in ("data", "schedule", "model", "optim", "trainer", "logger", "callbacks", "experiment", "sampler"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_configs_build_their_datamodule(name, tmp_path):
+    overrides = [f"data={name}"] + (["data.root=/some/images"] if name == "folder" else [])
+    cfg = compose_config("train", overrides, tmp_path)
+    data = instantiate(cfg.data)  # builds nothing on disk until setup()
+    assert data.batch_size == cfg.data.batch_size and data.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("name", options("schedule"))
+def test_schedule_configs_build_schedules(name, tmp_path):
+    sched = instantiate(compose_config("train", [f"schedule={name}"], tmp_path).schedule)
+    assert sched.T == 1000 and sched.alphas_cumprod.dtype == torch.float64
+    assert (sched.alphas_cumprod.diff() < 0).all()
+
+
+@pytest.mark.parametrize("name", [n for n in options("model") if n != "unet_celeba"])
+def test_model_configs_build_unets(name, tmp_path):
+    cfg = compose_config("train", [f"model={name}", "data=synthetic"], tmp_path)
+    model = instantiate(cfg.model)
+    x = torch.randn(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    assert model(x, torch.tensor([3])).shape == x.shape
+
+
+def test_the_model_follows_the_data_and_celeba_ddpm_takes_the_papers_unet(tmp_path):
+    cfg = compose_config("train", ["data=celeba"], tmp_path)
+    assert cfg.model.resolution == 64 and cfg.model.in_channels == 3
+    cfg = compose_config("train", ["experiment=celeba_ddpm"], tmp_path)
+    assert cfg.model.ch_mult == [1, 2, 2, 2, 4] and cfg.model.resolution == 64 and cfg.data.image_size == 64
+
+
+@pytest.mark.parametrize("name", options("optim"))
+def test_optim_configs_build_partial_optimizers(name, tmp_path):
+    make = instantiate(compose_config("train", [f"optim={name}"], tmp_path).optim)
+    assert make([torch.nn.Parameter(torch.zeros(2))]).defaults["lr"] == 2e-4
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_configs_compose_and_cpu_ones_build(name, tmp_path):
+    cfg = compose_config("train", [f"trainer={name}"], tmp_path)
+    assert cfg.trainer.max_steps == 800000 and cfg.trainer.use_distributed_sampler is False
+    if cfg.trainer.accelerator == "gpu":  # no GPU here: build the strategy object, not a whole Trainer
+        if OmegaConf.is_dict(cfg.trainer.get("strategy")):
+            strategy = instantiate(cfg.trainer.strategy)
+            assert name != "fsdp" or isinstance(strategy, FSDPStrategy)
+        return
+    trainer = instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
+    assert trainer.max_steps == 800000
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_configs_build(name, tmp_path):
+    cfg = compose_config("train", [f"logger={name}"], tmp_path)
+    logger = instantiate(cfg.logger) if cfg.logger else None
+    assert (logger is None) == (name == "none")
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_configs_compose(name, tmp_path):
+    cfg = compose_config("train", [f"experiment={name}"], tmp_path)
+    assert cfg.trainer.max_steps > 0 and cfg.model._target_ == "diffusion.unet.UNet"
+
+
+@pytest.mark.parametrize("name", options("sampler"))
+def test_sampler_configs_build(name, tmp_path):
+    assert callable(instantiate(compose_config("sample", [f"sampler={name}"], tmp_path).sampler))
+
+
+# ---------------------------------------------------------------- README commands
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(script, overrides) for every `python train.py ...` / `python sample.py ...` command in README.md."""
+    found = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        for command in line.split("&&"):
+            match = re.match(r"\s*(?:srun )?python (train|sample)\.py(.*)", command)
+            if match:
+                args = shlex.split(match[2].split("#")[0])
+                if "--cfg" in args:  # `--cfg job` prints the config: compose what precedes it
+                    args = args[: args.index("--cfg")]
+                found.append((match[1], [a for a in args if a != "-m"]))
+    return found
+
+
+def test_readme_shows_the_main_commands():
+    commands = {(s, " ".join(a)) for s, a in readme_commands()}
+    assert ("train", "data=cifar10 schedule=cosine") in commands
+    assert ("sample", "sampler=ddim steps=50") in commands or ("sample", "sampler=pndm steps=50") in commands
+
+
+@pytest.mark.parametrize(
+    "script, overrides", readme_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_readme_commands_compose(script, overrides, tmp_path):
+    sweep = [o for o in overrides if "," in o.split("=", 1)[-1]]
+    for combination in _expand(overrides) if sweep else [overrides]:
+        cfg = compose_config("train" if script == "train" else "sample", combination, tmp_path)
+        assert cfg
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Hydra multirun's cartesian product of comma-separated values."""
+    runs = [[]]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        runs = [r + [f"{key}={v}"] for r in runs for v in value.split(",")]
+    return runs
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule=cosinee", "schedule"),
+        ("data=imagenet", "data"),
+        ("model.chh=3", "chh"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message, tmp_path):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose_config("train", [override], tmp_path)
+
+
+def test_unknown_schedule_option_lists_the_choices(tmp_path):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config("train", ["schedule=cosinee"], tmp_path)
+    assert "cosine" in str(info.value) and "linear" in str(info.value)

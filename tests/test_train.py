@@ -1,0 +1,148 @@
+"""End to end: train(cfg) on tiny synthetic data writes checkpoints, samples and logs, resumes exactly,
+runs under DDP on two CPU processes, and turns bad input into one clear line."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffusion import checkpoints
+from diffusion.training import eps_loss
+from train import train
+
+from .conftest import ROOT, TINY_RUN, compose_config
+
+
+def run(tmp: Path, *overrides: str):
+    cfg = compose_config("train", [*TINY_RUN, *overrides], tmp)
+    return train(cfg), cfg
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from the CSV logger's metrics.csv (steps counted from 1)."""
+    (path,) = run_dir.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(path.open()))
+    return {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def script(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def test_a_run_writes_checkpoints_samples_and_metrics(tmp_path):
+    module, cfg = run(tmp_path)
+    ckpt = checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6 and ckpt["config"]["run_id"] == cfg.run_id
+    assert {"model.conv_in.weight", "ema.conv_in.weight"} <= ckpt["state_dict"].keys()
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(0 < v < 10 for v in losses.values())
+    metrics = (next(tmp_path.glob("csv/version_*/metrics.csv"))).read_text()
+    assert "val/loss" in metrics and "val/loss_ema" in metrics and "train/lr" in metrics
+
+
+def test_training_lowers_the_loss(tmp_path):
+    """40 steps at a high learning rate: the loss on held-out images, at fixed t and noise, must drop."""
+    module, cfg = run(
+        tmp_path, "trainer.max_steps=40", "optim.lr=3e-3", "module.warmup_steps=1", "callbacks.samples.every_n_steps=99"
+    )
+    torch.manual_seed(cfg.seed)  # train() builds the network right after seeding: this is its starting point
+    untrained = instantiate(cfg.model)
+    batch = next(iter(module.trainer.datamodule.val_dataloader()))
+    losses = []
+    for net in (untrained, module.model):
+        with torch.no_grad():
+            losses.append(eps_loss(net, module.schedule, batch, generator=torch.Generator().manual_seed(0)).item())
+    assert losses[1] < 0.7 * losses[0], losses
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    run(tmp_path / "straight")
+    run(tmp_path / "first", "trainer.max_steps=3")
+    first = checkpoints.load(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 3
+    _, cfg = run(tmp_path / "resumed", f"resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert cfg.run_id == first["config"]["run_id"]  # the same W&B run goes on
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+    a = checkpoints.load(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------- W&B offline
+
+
+def test_wandb_goes_offline_without_credentials_and_logs_the_loss(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    _, cfg = run(tmp_path, "logger=wandb")
+    assert os.environ["WANDB_MODE"] == "offline"
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert run_dir.name.endswith(cfg.run_id)
+    assert b"train/loss" in next(run_dir.glob("*.wandb")).read_bytes()
+
+
+# ---------------------------------------------------------------- processes: DDP, multirun, bad input
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_gives_one_directory_per_run(tmp_path):
+    tiny = [o for o in TINY_RUN if not o.startswith("~")] + ["~callbacks.progress"]
+    result = script(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        *tiny,
+        "trainer=cpu_ddp",
+        "trainer.max_steps=3",
+        f"hydra.sweep.dir={tmp_path}",
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name.split("-")[0] for p in runs] == ["0", "1"], runs
+    for run_dir in runs:
+        ckpt = checkpoints.load(run_dir / "checkpoints" / "last.ckpt")
+        assert ckpt["global_step"] == 3
+        assert len(list(run_dir.glob("csv/version_*"))) == 1  # one logger, not one per process
+    assert not (ROOT / "multirun").exists() or not any((ROOT / "multirun").rglob(str(tmp_path.name)))
+
+
+def test_unknown_option_is_one_clear_line(tmp_path):
+    result = script("train.py", "schedule=cosinee", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "Could not find 'schedule/cosinee'" in result.stderr and "cosine" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_dataset_says_where_to_put_it(tmp_path):
+    result = script(
+        "train.py",
+        "data=cifar10",
+        "data.download=false",
+        "logger=none",
+        "trainer=cpu",
+        f"hydra.run.dir={tmp_path}",
+        env={"DIFFUSION_DATA": str(tmp_path / "data")},
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error:" in result.stderr and str(tmp_path / "data" / "cifar10") in result.stderr
+    assert "Traceback" not in result.stderr
