@@ -12,9 +12,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import checkpoints
+from diffusion import checkpoints, loggers
 from diffusion.errors import UsageError
-from diffusion.launch import prepare_workers, resolve_precision
+from diffusion.launch import job_environment, resolve_precision
 from diffusion.training import DiffusionModule
 
 
@@ -29,6 +29,8 @@ def train(cfg: DictConfig) -> DiffusionModule:
     schedule = instantiate(cfg.schedule)
     module = DiffusionModule(instantiate(cfg.model), schedule, instantiate(cfg.optim), **cfg.module, config=config)
     logger = instantiate(cfg.logger) if cfg.logger else False
+    if logger:
+        logger.log_hyperparams(config)  # the full resolved config, as the run's W&B config
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
@@ -37,15 +39,18 @@ def train(cfg: DictConfig) -> DiffusionModule:
         plugins=[checkpoints.AtomicCheckpointIO()],
     )
     torch.manual_seed(cfg.seed + 1 + trainer.global_rank)  # each rank draws its own t and noise
-    trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=cfg.resume)
+    try:
+        trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=cfg.resume)
+    finally:
+        loggers.finish_wandb()
     return module
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    prepare_workers()
     try:
-        train(cfg)
+        with job_environment():
+            train(cfg)
     except (UsageError, InstantiationException) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
