@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import UsageError
@@ -70,6 +71,9 @@ class Checkpoints(L.Callback):
         if trainer.global_step != self._saved_step:
             trainer.save_checkpoint(self.last_path)
             self._saved_step = trainer.global_step
+            for logger in trainer.loggers if trainer.is_global_zero else []:
+                if isinstance(logger, WandbLogger):  # the run page says where its weights are
+                    logger.experiment.summary["checkpoint"] = str(self.last_path.resolve())
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

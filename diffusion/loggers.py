@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["wandb", "has_wandb_credentials"]
+__all__ = ["wandb", "has_wandb_credentials", "finish_wandb"]
 
 
 def has_wandb_credentials() -> bool:
@@ -40,3 +40,11 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
         )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, resume="allow" if id else None, **kwargs)
+
+
+def finish_wandb() -> None:
+    """Close this process's W&B run, if any, so its files are complete when train() returns, not at exit."""
+    import wandb as wandb_sdk
+
+    if wandb_sdk.run is not None:
+        wandb_sdk.finish()

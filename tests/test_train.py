@@ -97,7 +97,10 @@ def test_wandb_goes_offline_without_credentials_and_logs_the_loss(tmp_path, monk
     assert os.environ["WANDB_MODE"] == "offline"
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert run_dir.name.endswith(cfg.run_id)
-    assert b"train/loss" in next(run_dir.glob("*.wandb")).read_bytes()
+    log = next(run_dir.glob("*.wandb")).read_bytes()
+    assert b"train/loss" in log and b"samples" in log
+    assert str(tmp_path / "checkpoints" / "last.ckpt").encode() in log  # the checkpoint path is recorded
+    assert b"warmup_steps" in log  # the resolved config
 
 
 # ---------------------------------------------------------------- processes: DDP, multirun, bad input
