@@ -88,6 +88,16 @@ def test_experiment_configs_compose(name, tmp_path):
     assert cfg.trainer.max_steps > 0 and cfg.model._target_ == "diffusion.unet.UNet"
 
 
+def test_experiment_presets_override_the_top_level_defaults(tmp_path):
+    """train.yaml's own values (module.*) come before the experiment, so a preset's choices win."""
+    base = compose_config("train", [], tmp_path)
+    quick = compose_config("train", ["experiment=quickstart"], tmp_path)
+    preset = OmegaConf.load(CONF / "experiment" / "quickstart.yaml")
+    assert quick.module.warmup_steps == preset.module.warmup_steps != base.module.warmup_steps
+    assert quick.module.ema_decay == preset.module.ema_decay != base.module.ema_decay
+    assert compose_config("train", ["experiment=quickstart", "module.ema_decay=0.9"], tmp_path).module.ema_decay == 0.9
+
+
 @pytest.mark.parametrize("name", options("sampler"))
 def test_sampler_configs_build(name, tmp_path):
     assert callable(instantiate(compose_config("sample", [f"sampler={name}"], tmp_path).sampler))
