@@ -1,17 +1,21 @@
 """Timestep sequences for few-step sampling: descending int64 tensors of S steps drawn from 0 .. T-1.
 
 Fewer steps is a shorter sequence, not a new process: every sampler walks the given timesteps and lands on
-clean data (t = -1) after the last one.
+clean data (t = -1) after the last one. `SPACINGS` need only T; `logsnr` needs the schedule itself, and
+`make(name, steps, schedule)` builds any of them by name (what sample.py calls).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["leading", "linspace", "trailing", "quadratic", "SPACINGS"]
+from .schedule import Schedule
+
+__all__ = ["leading", "linspace", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "make"]
 
 
 def leading(steps: int, T: int) -> Tensor:
@@ -47,7 +51,40 @@ def quadratic(steps: int, T: int) -> Tensor:
     return _descending(torch.tensor(ts))
 
 
+def logsnr(steps: int, schedule: Schedule) -> Tensor:
+    """Uniform in lambda_t = log(sqrt(abar_t / (1 - abar_t))) from t = T-1 to t = 0 (DPM-Solver, Lu et al. 2022).
+
+    Each lambda is mapped to the nearest integer timestep (linear interpolation of lambda over t, rounded); where
+    several round to the same t (the low-noise end at many steps), they are spread to the nearest free integers.
+    On the cosine schedule the clipped last beta puts lambda_{T-1} (-9.9) far below lambda_{T-2} (-6.5), so the
+    first few steps sit at T-1, T-2, ...: faithful to the paper's grid, though they buy little.
+    """
+    T = schedule.T
+    _check(steps, T)
+    abar = schedule.alphas_cumprod.cpu()
+    lam = (0.5 * (abar.log() - (-abar).log1p())).numpy()  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], steps)
+    ts = np.interp(targets, lam[::-1], np.arange(T - 1, -1, -1, dtype=np.float64)).round().astype(np.int64)
+    ts = np.sort(ts)  # ascending; move repeats up to the next free integer, then back under T-1 if needed
+    for i in range(1, steps):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = min(ts[-1], T - 1)
+    for i in range(steps - 2, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return _descending(torch.from_numpy(ts))
+
+
 SPACINGS = {"leading": leading, "linspace": linspace, "trailing": trailing, "quadratic": quadratic}
+NAMES = (*SPACINGS, "logsnr")
+
+
+def make(spacing: str, steps: int, schedule: Schedule) -> Tensor:
+    """The spacing named `spacing` (one of NAMES) with `steps` steps for `schedule`."""
+    if spacing == "logsnr":
+        return logsnr(steps, schedule)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(NAMES)}")
+    return SPACINGS[spacing](steps, schedule.T)
 
 
 def _descending(ts: Tensor) -> Tensor:

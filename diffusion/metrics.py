@@ -1,0 +1,435 @@
+"""FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule", eq. 6) with the standard FID Inception.
+
+Features are the 2048-d pool3 activations of the TF FID Inception (inception-2015-12-05 weights, the ones
+pytorch-fid, torch-fidelity and torchmetrics use) on uint8 RGB images, resized to 299x299 inside the network as
+TF did. FIDs from other networks, resizers or sample counts are not comparable, so every result records them.
+
+    python -m diffusion.metrics fid samples.npz cifar10      # vs the training set (statistics computed once, cached)
+    python -m diffusion.metrics fid samples.npz stats.npz    # vs a reference .npz with mu and sigma
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .errors import UsageError
+from .images import to_uint8
+
+__all__ = ["WeightsNotFoundError", "Inception", "FIDResult", "frechet_distance", "stats", "save_stats", "load_stats",
+           "weights_path", "inception_features", "reference_stats", "reference_stats_for", "data_config",
+           "fid_from_npz", "main"]  # fmt: skip
+
+WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+# torch-fidelity's file name, then pytorch-fid's for the same weights.
+WEIGHTS_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_ENV = "DIFFUSION_FID_WEIGHTS"
+CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
+Extractor = Callable[[Tensor], Tensor]  # uint8 [B, 3, H, W] -> features [B, D]
+Stats = tuple[np.ndarray, np.ndarray, dict]  # mu [D], sigma [D, D], metadata
+
+
+class WeightsNotFoundError(UsageError):
+    """The FID Inception weights are neither on disk nor downloadable."""
+
+
+# ---------------------------------------------------------------- the Frechet distance
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017, eq. 6).
+
+    In float64. Tr (S1 S2)^(1/2) sums the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), which are those
+    of S1 S2 but come from a symmetric PSD matrix: no complex sqrtm, and singular covariances (fewer samples than
+    features) are exact. Round-off negatives are clipped; clearly negative eigenvalues (not a covariance) raise."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    for i, mu, sigma in ((1, mu1, sigma1), (2, mu2, sigma2)):
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ValueError(f"mu{i} must be [D] and sigma{i} [D, D], got {mu.shape} and {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"mu{i} or sigma{i} has NaN or infinite entries")
+        if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * np.abs(sigma).max()):
+            raise ValueError(f"sigma{i} is not symmetric: it is not a covariance matrix")
+    if len(mu1) != len(mu2):
+        raise ValueError(f"the statistics have {len(mu1)} and {len(mu2)} features: they come from different extractors")
+    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v1 * np.sqrt(_clip_psd(w1, "sigma1"))) @ v1.T
+    m = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
+    trace_sqrt = np.sqrt(_clip_psd(np.linalg.eigvalsh((m + m.T) / 2), "sigma2")).sum()
+    diff = mu1 - mu2
+    return max(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt), 0.0)
+
+
+def _clip_psd(w: np.ndarray, name: str) -> np.ndarray:
+    if w.min() < -1e-6 * max(np.abs(w).max(), 1e-12):
+        raise ValueError(f"{name} has a negative eigenvalue ({w.min():.3g}): it is not a covariance matrix")
+    return np.clip(w, 0, None)
+
+
+def stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D, D] of features [N, D], in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"statistics need features [N, D] with N >= 2, got shape {f.shape}")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def save_stats(path: str | os.PathLike, mu, sigma, **meta) -> Path:
+    """Write mu [D] and sigma [D, D] (pytorch-fid's .npz keys) plus scalar metadata, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    extra = {k: np.asarray(v) for k, v in meta.items() if v is not None}
+    try:
+        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_stats(path: str | os.PathLike) -> Stats:
+    """(mu, sigma, metadata) from an .npz with keys mu and sigma (ours, pytorch-fid's or any tool's)."""
+    arrays = _read_npz(path, "the reference statistics")
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise UsageError(
+            f"{path} has no mu and sigma (it has {', '.join(arrays) or 'nothing'}): a reference .npz "
+            "holds mu [D] and sigma [D, D], as pytorch-fid --save-stats writes"
+        )
+    meta = {k: v.item() for k, v in arrays.items() if k not in ("mu", "sigma") and v.ndim == 0}
+    return arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), meta
+
+
+def _read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path} does not exist: check the path")
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("it is a single array, not an .npz archive")
+        with f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise UsageError(f"cannot read {what} {path} as an .npz: {error}") from None
+
+
+# ---------------------------------------------------------------- the Inception network and its weights
+
+
+def weights_path(download: bool = True, timeout: float = 20.0) -> Path:
+    """The FID Inception weights: $DIFFUSION_FID_WEIGHTS, else torch hub's checkpoints folder (torch-fidelity's or
+    pytorch-fid's file name), else downloaded there (one try, at most `timeout` seconds without data)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    target = folder / WEIGHTS_NAMES[0]
+    where = f"put it at {target} (torch hub's checkpoints folder, moved by TORCH_HOME) or set {WEIGHTS_ENV}=PATH"
+    if os.environ.get(WEIGHTS_ENV):
+        path = Path(os.environ[WEIGHTS_ENV]).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{WEIGHTS_ENV}={path} is not a file: download {WEIGHTS_URL} to that path")
+        return path
+    for name in WEIGHTS_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    why = "not downloaded"
+    if download:
+        try:
+            return _download(WEIGHTS_URL, target, timeout)
+        except OSError as error:  # URLError, timeouts, refused connections, disk errors
+            why = f"the download failed: {getattr(error, 'reason', None) or error}"
+    raise WeightsNotFoundError(
+        f"the FID Inception weights are missing ({why}). On a machine with internet, download {WEIGHTS_URL} and "
+        f"{where}. pytorch-fid's copy of the same weights, {WEIGHTS_NAMES[1]}, works too."
+    )
+
+
+def _download(url: str, path: Path, timeout: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    print(f"downloading the FID Inception weights {url} -> {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Inception(torch.nn.Module):
+    """The FID Inception (torch-fidelity's port of TF's inception-2015-12-05, with TF's bilinear resize to 299):
+    uint8 [B, 3, H, W] -> pool3 features [B, 2048]. Frozen, in eval mode."""
+
+    def __init__(self, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        try:
+            import torch_fidelity
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise UsageError("FID needs torch-fidelity: pip install torch-fidelity") from None
+        path = Path(weights) if weights else weights_path()
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+            )
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            first = str(error).strip().split("\n")[0][:200]
+            raise WeightsNotFoundError(
+                f"{path} is not the FID Inception weights ({type(error).__name__}: {first}): "
+                f"replace it with {WEIGHTS_URL}"
+            ) from None
+        self.name = f"torch-fidelity {torch_fidelity.__version__} inception-v3-compat pool3 (2048-d)"
+        self.weights = path.name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[0]
+
+
+def _describe(extractor: Extractor) -> tuple[str, str | None]:
+    """(name, weights file) of a feature extractor, for the record."""
+    name = getattr(extractor, "name", None) or getattr(extractor, "__qualname__", None) or type(extractor).__qualname__
+    return str(name), getattr(extractor, "weights", None)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def inception_features(images: np.ndarray | Iterable, batch_size: int = 100, device: str | torch.device = "auto",
+                       extractor: Extractor | None = None, *, total: int | None = None,
+                       progress: bool = True) -> np.ndarray:  # fmt: skip
+    """Features [N, D] of uint8 images [N, H, W, C], C = 1 or 3 (an array, or an iterable of such batches), under
+    `extractor` (uint8 [B, 3, H, W] -> [B, D]; default the FID Inception, D = 2048), in eval mode, no grad."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _device(device)
+    extractor = extractor if extractor is not None else Inception()
+    if isinstance(extractor, torch.nn.Module):
+        extractor.to(device).eval()
+    if isinstance(images, np.ndarray | Tensor):
+        array, total = images, -(-len(images) // batch_size)
+        images = (array[i : i + batch_size] for i in range(0, len(array), batch_size))
+    out = []
+    with torch.inference_mode():
+        for batch in tqdm(images, total=total, desc="FID features", unit="batch", disable=not progress, leave=False):
+            x = torch.as_tensor(batch)
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+                raise ValueError(
+                    f"images must be uint8 [N, H, W, C] with C = 1 or 3 (as samples.npz stores them), "
+                    f"got {x.dtype} {tuple(x.shape)}"
+                )
+            x = x.to(device).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # grey -> RGB, as FID tools do
+            features = extractor(x)
+            if features.ndim != 2 or len(features) != len(x):
+                raise ValueError(f"the extractor must return [B, D] features, got {tuple(features.shape)}")
+            out.append(features.float().cpu().numpy())
+    if not out:
+        raise ValueError("no images to compute features of")
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------- reference statistics
+
+
+def reference_stats(images: np.ndarray | Iterable, cache_path: str | os.PathLike, *, extractor: Extractor | None = None,
+                    source: str = "", image_size: int | None = None, **options) -> Stats:  # fmt: skip
+    """(mu, sigma, metadata) of reference images: read from `cache_path` if it exists, else computed (`options` go
+    to inception_features) and written there atomically with n, source, extractor (a generator is never started
+    on a cache hit)."""
+    if Path(cache_path).is_file():
+        return load_stats(cache_path)
+    extractor = extractor if extractor is not None else Inception()
+    features = inception_features(images, extractor=extractor, **options)
+    name, weights = _describe(extractor)
+    info = {"n": len(features), "source": source, "extractor": name, "weights": weights, "image_size": image_size}
+    save_stats(cache_path, *stats(features), **info)
+    return load_stats(cache_path)
+
+
+# Attributes that change what a DataModule's training set holds (CIFAR-10 and CelebA are the same anywhere).
+_CONTENT = {
+    "CIFAR10": (),
+    "CelebA": (),
+    "Synthetic": ("seed", "num_images"),
+    "ImageFolder": ("root", "seed", "val_fraction"),
+}
+
+
+def _stats_name(datamodule, extractor: Extractor | None) -> str:
+    """e.g. cifar10-32px-inception-2015-12-05: the dataset, its size, a hash of what else defines it, the extractor."""
+    cls = type(datamodule).__name__
+    keys = _CONTENT.get(cls, ("root", "seed"))
+    content = {
+        k: str(Path(v).resolve()) if k == "root" else v for k in keys if (v := getattr(datamodule, k, None)) is not None
+    }
+    name = f"{cls.lower()}-{datamodule.image_size}px" + ("" if datamodule.channels == 3 else f"-c{datamodule.channels}")
+    if content:
+        name += "-" + hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
+    if extractor is None or isinstance(extractor, Inception):
+        return name + "-inception-2015-12-05"
+    return name + "-features-" + hashlib.sha1(_describe(extractor)[0].encode()).hexdigest()[:8]
+
+
+def reference_stats_for(datamodule, cache_dir: str | os.PathLike, *, extractor: Extractor | None = None,
+                        batch_size: int = 100, num_workers: int | None = None, **options) -> Stats:  # fmt: skip
+    """Statistics of a diffusion.data DataModule's training set, un-augmented (build()'s images, never the flipped
+    training stream), cached as <cache_dir>/<dataset>-<size>px[-<hash>]-<extractor>.npz; metadata has `path`.
+    `num_workers` defaults to the DataModule's; `options` (device, progress) go to inception_features."""
+    path = Path(cache_dir) / f"{_stats_name(datamodule, extractor)}.npz"
+    if not path.is_file():
+        if hasattr(datamodule, "prepare_data"):
+            datamodule.prepare_data()  # downloads CIFAR-10 where allowed
+        train, _ = datamodule.build()
+        workers = getattr(datamodule, "num_workers", 0) if num_workers is None else num_workers
+        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, num_workers=workers)
+        source = f"{type(datamodule).__name__} training set, un-augmented"
+        reference_stats((to_uint8(x) for x in loader), path, extractor=extractor, source=source,
+                        image_size=datamodule.image_size, total=len(loader), **options)  # fmt: skip
+    mu, sigma, meta = load_stats(path)
+    return mu, sigma, {**meta, "path": str(path)}
+
+
+def data_config(name: str, **overrides) -> dict:
+    """conf/data/<name>.yaml resolved as train.py would with its defaults (data in $DIFFUSION_DATA or data/)."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DATA / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in CONF_DATA.glob("*.yaml")))
+        raise UsageError(f"reference {name!r} is neither an .npz with mu and sigma nor a data config ({names})")
+    root = {"paths": {"data_dir": os.environ.get("DIFFUSION_DATA", "data")}, "seed": 0}
+    cfg = OmegaConf.merge(root, {"data": OmegaConf.load(path)}, {"data": {k: v for k, v in overrides.items() if v}})
+    if missing := OmegaConf.missing_keys(cfg):
+        raise UsageError(
+            f"data config {name} needs {', '.join(sorted(missing))}: e.g. --data-root DIR on the command line"
+        )
+    return OmegaConf.to_container(cfg, resolve=True)["data"]
+
+
+def _datamodule(cfg: Mapping):
+    cfg = dict(cfg)
+    target = cfg.pop("_target_", None)
+    if not target:
+        raise UsageError(f"a data config needs _target_ (e.g. diffusion.data.CIFAR10), got keys {sorted(cfg)}")
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)(**cfg)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        raise UsageError(f"cannot build the data module {target} from its config: {error}") from None
+
+
+# ---------------------------------------------------------------- FID of a samples file
+
+
+@dataclass(frozen=True)
+class FIDResult:
+    """One FID figure and what it depends on: the sample count, the reference and the feature extractor."""
+
+    fid: float
+    n_samples: int
+    reference: str
+    n_reference: int | None
+    extractor: str
+    weights: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ref = self.reference + (f" ({self.n_reference} images)" if self.n_reference else "")
+        weights = f" [{self.weights}]" if self.weights else ""
+        return f"FID {self.fid:.4g} of {self.n_samples} samples vs {ref}; features: {self.extractor}{weights}"
+
+
+def fid_from_npz(samples_npz: str | os.PathLike, reference, *, cache_dir: str | os.PathLike | None = None,
+                 extractor: Extractor | None = None, **options) -> FIDResult:  # fmt: skip
+    """FID of uint8 samples (`arr_0` [N, H, W, C] of an .npz, as sample.py writes) against `reference`: an .npz with
+    mu and sigma, a data config (a name in conf/data, or a mapping with _target_) or a DataModule, whose training
+    set's statistics are computed once and cached in `cache_dir` (default $DIFFUSION_DATA/fid_stats). `options`
+    (batch_size, device, progress) go to inception_features."""
+    arrays = _read_npz(samples_npz, "the samples")
+    images = arrays.get("arr_0", next(iter(arrays.values())) if len(arrays) == 1 else None)
+    if images is None:
+        raise UsageError(f"{samples_npz} holds {', '.join(arrays) or 'nothing'}: samples go in arr_0 (uint8 NHWC)")
+    datamodule = None
+    if isinstance(reference, str | os.PathLike) and (str(reference).endswith(".npz") or Path(reference).is_file()):
+        mu_ref, sigma_ref, meta = load_stats(reference)
+        size, label = meta.get("image_size"), str(reference)
+    else:
+        reference = data_config(reference) if isinstance(reference, str) else reference
+        datamodule = _datamodule(reference) if isinstance(reference, Mapping) else reference
+        if not hasattr(datamodule, "build"):
+            raise UsageError(f"unknown reference {reference!r}: pass an .npz with mu and sigma, or a data config")
+        size, label = datamodule.image_size, type(datamodule).__name__
+    if images.ndim == 4 and size not in (None, images.shape[1]):
+        raise UsageError(
+            f"the samples are {images.shape[1]}px but the reference {label} is {size}px: compare "
+            "samples with their model's training data, at its size (on the command line: --image-size)"
+        )
+    _device(options.get("device", "auto"))  # a typo fails now, not after the weights are loaded
+    extractor = extractor if extractor is not None else Inception()
+    if datamodule is not None:
+        cache_dir = cache_dir if cache_dir is not None else Path(os.environ.get("DIFFUSION_DATA", "data")) / "fid_stats"
+        mu_ref, sigma_ref, meta = reference_stats_for(datamodule, cache_dir, extractor=extractor, **options)
+        label = f"{meta.get('source', label)} ({meta['path']})"
+    mu, sigma = stats(inception_features(images, extractor=extractor, **options))
+    n_ref = meta.get("n")
+    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return FIDResult(fid, len(images), label, None if n_ref is None else int(n_ref), *_describe(extractor))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusion.metrics", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid = commands.add_parser("fid", help="FID of a samples .npz (uint8 NHWC arr_0) against a reference")
+    fid.add_argument("samples", help="samples .npz, e.g. outputs/samples/.../samples.npz")
+    fid.add_argument("reference", help="an .npz with mu and sigma, or a data config name: cifar10, celeba, ...")
+    fid.add_argument("--data-root", help="the data config's root (e.g. for folder); default from the config")
+    fid.add_argument("--image-size", type=int, help="the data config's image_size; default from the config")
+    fid.add_argument("--cache-dir", help="where reference statistics are cached (default $DIFFUSION_DATA/fid_stats)")
+    fid.add_argument("--batch-size", type=int, default=100)
+    fid.add_argument("--device", default="auto")
+    fid.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        reference = args.reference
+        if not reference.endswith(".npz") and not Path(reference).is_file():
+            reference = data_config(reference, root=args.data_root, image_size=args.image_size)
+        result = fid_from_npz(
+            args.samples, reference, cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device
+        )
+    except (UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.as_dict()) if args.json else result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

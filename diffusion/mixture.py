@@ -1,0 +1,108 @@
+"""A Gaussian-mixture data distribution whose optimal noise predictor is known in closed form.
+
+For data x0 ~ sum_k w_k N(mu_k, s_k^2 I), the noisy x_t = sqrt(abar) x0 + sqrt(1 - abar) eps is a mixture too:
+x_t | k ~ N(sqrt(abar) mu_k, v_k I) with v_k = abar s_k^2 + 1 - abar, and the exact (MSE-optimal) noise prediction is
+
+    E[eps | x_t] = sum_k r_k(x_t) sqrt(1 - abar) (x_t - sqrt(abar) mu_k) / v_k,
+
+with r_k(x_t) the posterior responsibility of component k. A sampler run on `model(schedule)` has no network
+error, so what separates its samples from the mixture is the sampler's own error: the tests and the
+quality-vs-steps benchmark measure it with `frechet` (data space) and `mode_weight_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .metrics import frechet_distance
+from .schedule import Schedule
+
+__all__ = ["GaussianMixture"]
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """K isotropic Gaussians: `means` [K, *shape] (e.g. [K, D] or [K, C, H, W]), `weights` [K] (normalised
+    here), `std` per component ([K], or one number for all; 0 gives point masses). Float64 throughout."""
+
+    means: Tensor = field(repr=False)
+    weights: Tensor = field(repr=False)
+    std: Tensor | float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        means = torch.as_tensor(self.means, dtype=torch.float64)
+        if means.ndim < 2:
+            raise ValueError(f"means must be [K, *shape] with one row per component, got shape {tuple(means.shape)}")
+        weights = torch.as_tensor(self.weights, dtype=torch.float64)
+        std = torch.as_tensor(self.std, dtype=torch.float64)
+        if std.numel() not in (1, len(means)):
+            raise ValueError(
+                f"std must be one number or {len(means)} (one per component), got shape {tuple(std.shape)}"
+            )
+        std = std.reshape(-1).expand(len(means)).clone()
+        if weights.shape != (len(means),) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
+            raise ValueError(f"weights must be {len(means)} non-negative numbers, not all zero, got {weights.tolist()}")
+        if not bool((std >= 0).all()):
+            raise ValueError(f"std must be >= 0, got {std.tolist()}")
+        object.__setattr__(self, "means", means)
+        object.__setattr__(self, "weights", weights / weights.sum())
+        object.__setattr__(self, "std", std)
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={len(self.means)}, shape={self.shape})"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one data point."""
+        return tuple(self.means.shape[1:])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n exact samples [n, *shape], float64."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+        return self.means[k] + self.std[k].view(-1, *[1] * len(self.shape)) * noise
+
+    # ---------------------------------------------------------------- the exact noise predictor
+    def eps(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """E[eps | x_t = x] for x [B, *shape] at int64 timesteps t [B], computed in float64, returned in x's dtype."""
+        xf = x.reshape(len(x), -1).double()
+        mu = self.means.reshape(len(self.means), -1).to(xf.device)
+        abar = schedule.alpha_bar(t).to(xf.device).view(-1, 1)  # [B, 1]
+        v = abar * self.std.to(xf.device) ** 2 + (1 - abar)  # [B, K]
+        # log N(x; sqrt(abar) mu_k, v_k I) up to a constant; ||x - a mu||^2 expanded to avoid a [B, K, D] tensor
+        dist2 = (xf**2).sum(1, keepdim=True) - 2 * abar.sqrt() * (xf @ mu.T) + abar * (mu**2).sum(1)
+        logits = self.weights.to(xf.device).log() - 0.5 * xf.shape[1] * v.log() - dist2.clamp(min=0) / (2 * v)
+        c = logits.softmax(dim=1) / v  # r_k / v_k
+        eps = (1 - abar).sqrt() * (xf * c.sum(1, keepdim=True) - abar.sqrt() * (c @ mu))
+        return eps.reshape(x.shape).to(x.dtype)
+
+    def model(self, schedule: Schedule) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact noise predictor as a sampler's `model(x, t) -> eps`."""
+        return partial(self.eps, schedule=schedule)
+
+    # ---------------------------------------------------------------- distances to the mixture
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """The mixture's mean [D] and covariance [D, D] (data flattened)."""
+        mu = self.means.reshape(len(self.means), -1)
+        mean = self.weights @ mu
+        spread = float(self.weights @ self.std**2) * torch.eye(mu.shape[1], dtype=torch.float64)
+        return mean, (self.weights[:, None] * mu).T @ mu + spread - torch.outer(mean, mean)
+
+    def frechet(self, samples: Tensor) -> float:
+        """Frechet distance in data space between the Gaussian fit of `samples` [N, *shape] and the mixture's
+        own mean and covariance (an FID without the Inception network)."""
+        flat = samples.reshape(len(samples), -1).double().cpu()
+        mean, cov = self.moments()
+        return frechet_distance(flat.mean(0), torch.cov(flat.T).reshape(len(mean), -1), mean, cov)
+
+    def mode_weight_error(self, samples: Tensor) -> float:
+        """Total variation between the true weights and the fraction of `samples` nearest to each mean."""
+        flat = samples.reshape(len(samples), -1).double().cpu()
+        nearest = torch.cdist(flat, self.means.reshape(len(self.means), -1)).argmin(1)
+        found = torch.bincount(nearest, minlength=len(self.means)) / len(samples)
+        return 0.5 * float((found - self.weights).abs().sum())
