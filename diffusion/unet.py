@@ -222,12 +222,15 @@ class UNet(nn.Module):
             skips.append(h)
         return h
 
-    def up_level(self, i: int, h: Tensor, temb: Tensor, skips: list[Tensor], start: int = 0) -> Tensor:
-        """Run up[i] from block `start` on, each block on [h, skips.pop()] concatenated along channels."""
+    def up_level(
+        self, i: int, h: Tensor, temb: Tensor, skips: list[Tensor], start: int = 0, stop: int | None = None
+    ) -> Tensor:
+        """Run up[i] from block `start` on, each block on [h, skips.pop()] concatenated along channels; with
+        `stop`, only the blocks before it, no upsample (h is then the input of block `stop`)."""
         level = self.up[i]
-        for j in range(start, len(level.res)):
+        for j in range(start, len(level.res) if stop is None else stop):
             h = level.block(j, torch.cat([h, skips.pop()], dim=1), temb)
-        return h if level.resample is None else level.resample(h)
+        return h if level.resample is None or stop is not None else level.resample(h)
 
     def head(self, h: Tensor) -> Tensor:
         return self.conv_out(F.silu(self.norm_out(h)))

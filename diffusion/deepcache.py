@@ -1,0 +1,265 @@
+"""DeepCache (Ma et al., CVPR 2024): reuse the UNet's deep features across sampling steps, under any sampler.
+
+A full call runs the whole UNet and keeps the deep feature that enters the up path at one skip branch: the
+output of the previous up block, before its concatenation with that branch's skip (Sec. 3.2). A cached call
+runs only the shallow blocks, the down blocks up to the branch and the up blocks from it on, with the kept
+feature standing in for everything deeper. Which steps are full (Sec. 3.3): every N-th (uniform 1:N), or
+steps clustered around a centre step by a power law (non-uniform 1:N).
+
+Branches, numbered from 0 as in the paper's DDPM code. The skip stack is conv_in, then for each level its
+`num_res_blocks` (n) block outputs and its downsample. Branch b is level b // (n + 1), position b % (n + 1),
+where position n is the level's downsample; valid branches are 0 .. L (n + 1) - 2 for L levels. The default,
+b = n - 1 (1 for the DDPM UNets), caches everything below the first resolution level: a cached call runs only
+the full-resolution blocks. Its MACs ratios, 1.47 / 1.71 / 2.05 / 2.36 at N = 2 / 3 / 5 / 10 for the CIFAR-10
+UNet, are the paper's CIFAR-10 figures (1.47 / 1.72 / 2.03 / 2.32); b = n, the level's downsample, also reruns a
+16x16 up block with attention and saves less (1.30 / 1.43 / 1.57 / 1.70).
+Down block (level, j) pairs with up block (level, n - 1 - j); the downsample of level l with up block (l + 1, n).
+
+The wrapper is a `model(x, t) -> eps` that no sampler needs to know about. It is told the sampling timesteps
+(constructor or `plan`) and picks the full steps among them. A call is full when it is the first at a full-step
+timestep in the current trajectory; every other call is cached, including the extra timesteps that PNDM's
+Runge-Kutta start visits. A call at the first timestep starts a new trajectory (so a new batch never reuses the
+last one's features), as do `reset()`, no cache yet, and a new input shape. With interval 1 every call is full.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .unet import Attention, UNet
+
+__all__ = ["DeepCache", "uniform_steps", "nonuniform_steps", "count_macs", "cached_cost", "macs_speedup"]
+
+
+# ---------------------------------------------------------------- which steps are full (Sec. 3.3)
+
+
+def uniform_steps(steps: int, interval: int) -> list[int]:
+    """Indices 0, N, 2N, ... of the full steps among `steps` sampling steps (uniform 1:N)."""
+    _check_schedule(steps, interval)
+    return list(range(0, steps, interval))
+
+
+def nonuniform_steps(steps: int, interval: int, center: float = 0.5, power: float = 1.4) -> list[int]:
+    """Full-step indices of the non-uniform 1:N schedule, dense around the centre step c = center * steps.
+
+    The paper's rule in real arithmetic: k = ceil(steps / N) values l_i spread evenly over
+    [-c^(1/p), (steps - c)^(1/p)) (end excluded), each mapped to c + sign(l) |l|^p and rounded. Indices that
+    round to the same step are kept once, so a steep power can leave fewer than k full steps. The first value
+    maps to step 0: the first step is always full.
+    """
+    _check_schedule(steps, interval)
+    _check_power_rule(center, power)
+    k, c = math.ceil(steps / interval), center * steps
+    lo, hi = -(c ** (1 / power)), (steps - c) ** (1 / power)
+    ls = [lo + (hi - lo) * i / k for i in range(k)]
+    return sorted({min(round(c + math.copysign(abs(v) ** power, v)), steps - 1) for v in ls})
+
+
+def _check_schedule(steps: int, interval: int) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval={interval!r} must be an int >= 1: one full step, then interval - 1 cached ones")
+    if steps < 1:
+        raise ValueError(f"DeepCache needs at least one sampling step, got {steps}")
+
+
+def _check_power_rule(center: float, power: float) -> None:
+    if not 0.0 <= center <= 1.0:
+        raise ValueError(f"center={center} must lie in [0, 1]: the centre step as a fraction of the sampling steps")
+    if power < 1.0:
+        raise ValueError(f"power={power} must be >= 1 (1: evenly spaced; larger: more full steps near the centre)")
+
+
+# ---------------------------------------------------------------- the wrapper
+
+
+class DeepCache(nn.Module):
+    """`model(x, t) -> eps` that runs a full UNet pass only at the full steps and the shallow branch otherwise.
+
+    Args:
+        model: the UNet to wrap (its `embed`, `down_level`, `mid`, `up_level` and `head` are used).
+        timesteps: the sampler's descending timesteps; or pass them later to `plan`.
+        interval: N of the paper's 1:N; 1 is exactly the plain model.
+        branch: the skip branch to cache at (see the module docstring); None: below the first resolution level.
+        uniform: full steps every N-th (True) or the non-uniform schedule (False, with `center` and `power`).
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        timesteps: Tensor | Sequence[int] | None = None,
+        *,
+        interval: int = 3,
+        branch: int | None = None,
+        uniform: bool = True,
+        center: float = 0.5,
+        power: float = 1.4,
+    ) -> None:
+        super().__init__()
+        if not all(hasattr(model, a) for a in ("embed", "conv_in", "down_level", "mid", "up_level", "head")):
+            raise ValueError(f"DeepCache wraps a diffusion.unet.UNet (it runs the UNet's levels), got {type(model)}")
+        _check_schedule(1, interval)
+        _check_power_rule(center, power)
+        self.model, self.interval, self.uniform, self.center, self.power = model, interval, uniform, center, power
+        self.branch, self._down, self._up = _locate(model, branch)
+        self.full_calls = self.shallow_calls = 0
+        self.timesteps: list[int] | None = None
+        self.full_steps: list[int] = []  # indices into timesteps
+        self._full_t: set[int] = set()  # the timesteps at those indices
+        self.reset()
+        if timesteps is not None:
+            self.plan(timesteps)
+
+    def plan(self, timesteps: Tensor | Sequence[int]) -> DeepCache:
+        """Take the sampler's descending timesteps, choose the full steps among them and empty the cache."""
+        ts = [int(t) for t in torch.as_tensor(timesteps).flatten()]
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+            raise ValueError(f"timesteps must be a non-empty, strictly descending sequence, got {ts[:8]}...")
+        pick = uniform_steps if self.uniform else lambda s, n: nonuniform_steps(s, n, self.center, self.power)
+        self.timesteps, self.full_steps = ts, pick(len(ts), self.interval)
+        self._full_t = {ts[i] for i in self.full_steps}
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        """Forget the cached feature: the next call is full. The call counters keep counting."""
+        self._deep: Tensor | None = None
+        self._shape: torch.Size | None = None
+        self._refreshed: set[int] = set()
+
+    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
+        step = self._step(t, x)
+        if self.timesteps is not None and step == self.timesteps[0]:
+            self._refreshed.clear()  # the first timestep: a new trajectory
+        if self._is_full(step, x):
+            eps, deep = self._full(x, t)
+            self._deep, self._shape = deep.detach(), x.shape
+            self._refreshed.add(step)
+            self.full_calls += 1
+            return eps
+        self.shallow_calls += 1
+        return self._shallow(x, t, self._deep)
+
+    def _is_full(self, step: int, x: Tensor) -> bool:
+        if self.interval == 1 or self._deep is None or x.shape != self._shape:
+            return True
+        return step in self._full_t and step not in self._refreshed
+
+    def _step(self, t: Tensor | int, x: Tensor) -> int:
+        t = torch.as_tensor(t).flatten()
+        if t.numel() == 0 or (t != t[0]).any():
+            raise ValueError("DeepCache needs one timestep per call (every row of t equal), as samplers pass it")
+        step = int(t[0])
+        if self.timesteps is None and self.interval > 1:
+            raise ValueError("DeepCache needs the sampling timesteps: DeepCache(model, timesteps) or .plan(timesteps)")
+        if self.timesteps is not None and step > self.timesteps[0]:
+            raise ValueError(
+                f"t={step} lies above the first planned timestep {self.timesteps[0]}: "
+                "plan(timesteps) with the same timesteps the sampler walks"
+            )
+        return step
+
+    # ------------------------------------------------------------ the two passes, made of the UNet's own pieces
+
+    def _full(self, x: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        """eps, and the deep feature entering up block (u, s): the same operations as UNet.forward."""
+        m, (u, s) = self.model, self._up
+        temb = m.embed(t, x)
+        h = m.conv_in(x)
+        skips = [h]
+        for i in range(m.num_levels):
+            h = m.down_level(i, h, temb, skips)
+        h = m.mid(h, temb)
+        for i in reversed(range(m.num_levels)):
+            if i == u:
+                deep = h = m.up_level(i, h, temb, skips, stop=s)
+                h = m.up_level(i, h, temb, skips, start=s)
+            else:
+                h = m.up_level(i, h, temb, skips)
+        return m.head(h), deep
+
+    def _shallow(self, x: Tensor, t: Tensor | int, deep: Tensor) -> Tensor:
+        """eps from the down blocks up to the branch, the cached deep feature, and the up blocks from the branch."""
+        m, (level, pos), (u, s) = self.model, self._down, self._up
+        temb = m.embed(t, x)
+        h = m.conv_in(x)
+        skips = [h]
+        for i in range(level):
+            h = m.down_level(i, h, temb, skips)
+        m.down_level(level, h, temb, skips, stop=None if pos == m.num_res_blocks else pos + 1)
+        h = m.up_level(u, deep, temb, skips, start=s)
+        for i in reversed(range(u)):
+            h = m.up_level(i, h, temb, skips)
+        return m.head(h)
+
+    def extra_repr(self) -> str:
+        schedule = "uniform" if self.uniform else f"non-uniform, center={self.center}, power={self.power}"
+        return f"interval={self.interval}, branch={self.branch} (level, position {self._down}), {schedule}"
+
+
+def _locate(model: UNet, branch: int | None) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """branch -> (branch, (down level, position), (up level, block)); position n is the level's downsample."""
+    n, levels = model.num_res_blocks, model.num_levels
+    last = levels * (n + 1) - 2  # the last level has no downsample
+    if branch is None:
+        if levels < 2:
+            raise ValueError(f"this UNet has one level, no branch after it: choose branch in 0..{last}")
+        branch = n - 1
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch <= last:
+        raise ValueError(
+            f"branch={branch!r} does not exist in this UNet ({levels} levels of {n} blocks): choose 0..{last} "
+            f"(0 is the shallowest and fastest; {n - 1}, the default, keeps the first resolution level)"
+        )
+    level, pos = divmod(branch, n + 1)
+    return branch, (level, pos), ((level + 1, n) if pos == n else (level, n - 1 - pos))
+
+
+# ---------------------------------------------------------------- cost: MACs of a cached call vs a full one
+
+
+def count_macs(model: nn.Module, call: Callable[[], object]) -> int:
+    """Multiply-accumulates of the convs, linear layers and attention products in `model` during `call()`."""
+    total = 0
+
+    def conv(m: nn.Conv2d, args, out: Tensor) -> None:
+        nonlocal total
+        total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def linear(m: nn.Linear, args, out: Tensor) -> None:
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    def attention(m: Attention, args, out: Tensor) -> None:  # q k^T and softmax(.) v, each HW x HW x C
+        nonlocal total
+        b, c, height, width = args[0].shape
+        total += 2 * b * (height * width) ** 2 * c
+
+    kinds = [(nn.Conv2d, conv), (nn.Linear, linear), (Attention, attention)]
+    hooks = [m.register_forward_hook(f) for m in model.modules() for kind, f in kinds if isinstance(m, kind)]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def cached_cost(model: UNet, branch: int | None = None) -> float:
+    """MACs of a cached call over those of a full call at `branch`: the paper's MACs ratio is 1 / this at N = inf."""
+    cache = DeepCache(model, interval=1, branch=branch)
+    p = next(model.parameters())
+    x = torch.zeros(1, model.in_channels, model.resolution, model.resolution, device=p.device, dtype=p.dtype)
+    t = torch.zeros(1, dtype=torch.int64, device=p.device)
+    deep = {}
+    full = count_macs(model, lambda: deep.setdefault("h", cache._full(x, t)[1]))
+    return count_macs(model, lambda: cache._shallow(x, t, deep["h"])) / full
+
+
+def macs_speedup(share: float, full: int, total: int) -> float:
+    """Theoretical speed-up of `total` calls of which `full` are full and the rest cost `share` of one."""
+    return total / (full + (total - full) * share)

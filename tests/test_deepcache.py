@@ -1,0 +1,301 @@
+"""DeepCache: exact at interval 1 under real samplers, skips exactly the blocks deeper than the branch, follows
+its schedule of full steps, keeps the exact deep feature, never reuses a stale cache, counts MACs right."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion import samplers, schedule, timesteps
+from diffusion.deepcache import DeepCache, cached_cost, count_macs, macs_speedup, nonuniform_steps, uniform_steps
+from diffusion.unet import UNet
+
+from .conftest import compose_config
+
+LAST_BRANCH = 3 * (2 + 1) - 2  # SMALL: 3 levels of 2 blocks, branches 0..7 (the last level has no downsample)
+SCHED = schedule.linear(T=1000)
+SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=32)
+CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
+
+
+def perturbed(model: UNet, seed: int = 0) -> UNet:
+    """A fresh UNet outputs 0 (zero-initialised residual branches and output conv): jitter every weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet:
+    return perturbed(UNet(**SMALL)).eval()
+
+
+@pytest.fixture(scope="module")
+def hooked(unet) -> tuple[UNet, list, set]:
+    """A copy of `unet` whose blocks append their names to a list when they run: (model, list, all names)."""
+    model, ran = copy.deepcopy(unet), []
+    return model, ran, block_calls(model, ran)
+
+
+def noise(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    """x [batch, 3, 16, 16]: the UNet runs at any size divisible by 4; 16x16 keeps the tests fast."""
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def prk_like(model, x, schedule, ts, *, generator=None):
+    """PNDM's call pattern (pseudo Runge-Kutta): per step t -> t - d, calls at t, t - d/2 twice and t - d."""
+    ts = [int(t) for t in ts]
+    with torch.no_grad():
+        for t, s in zip(ts, ts[1:], strict=False):
+            for tau in (t, (t + s) // 2, (t + s) // 2, s):
+                x = x - 0.05 * model(x, torch.full((len(x),), tau))
+    return x
+
+
+def block_calls(model: UNet, ran: list) -> set:
+    """Hook every block of `model` to append its name to `ran`: ('down', i, j), ('up', i, k), resamples, 'mid'.
+    Returns the set of all names."""
+    named = [("mid", model.mid)]
+    for path, levels in (("down", model.down), ("up", model.up)):
+        for i, level in enumerate(levels):
+            named += [((path, i, j), block) for j, block in enumerate(level.res)]
+            if level.resample is not None:
+                named.append(((path, i, "resample"), level.resample))
+    for name, module in named:
+        module.register_forward_hook(lambda m, a, o, name=name: ran.append(name))
+    return {name for name, _ in named}
+
+
+def shallow_blocks(branch: int, levels: int = 3, n: int = 2) -> set:
+    """What a cached call must run: every block whose skip lies at or above the branch, in the flat skip order
+    conv_in (-1), then per level its n blocks and its downsample; the up block popping skip k runs iff k <= branch."""
+    flat = lambda i, j: i * (n + 1) + j  # noqa: E731  down block j of level i (j = n: the downsample)
+    ran = {("down", i, j) for i in range(levels) for j in range(n) if flat(i, j) <= branch}
+    ran |= {("down", i, "resample") for i in range(levels - 1) if flat(i, n) <= branch}
+    for i in range(levels):
+        ran |= {("up", i, k) for k in range(n) if flat(i, n - 1 - k) <= branch}
+        if i == 0 or flat(i - 1, n) <= branch:  # block n pops the previous level's downsample (conv_in for i = 0)
+            ran.add(("up", i, n))
+            if i > 0:
+                ran.add(("up", i, "resample"))
+    return ran
+
+
+# ---------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_interval_one_is_the_plain_unet_bit_for_bit_under_ddim(unet, uniform):
+    ts = timesteps.leading(6, SCHED.T)
+    cache = DeepCache(unet, ts, interval=1, uniform=uniform)
+    plain = samplers.ddim(unet, noise(), SCHED, ts)
+    assert torch.equal(samplers.ddim(cache, noise(), SCHED, ts), plain)
+    assert (cache.full_calls, cache.shallow_calls) == (6, 0)
+
+
+def test_interval_one_is_exact_at_the_extra_timesteps_of_a_runge_kutta_start(unet):
+    ts = timesteps.leading(3, SCHED.T)
+    cache = DeepCache(unet, ts, interval=1)
+    assert torch.equal(prk_like(cache, noise(), SCHED, ts), prk_like(unet, noise(), SCHED, ts))
+    assert cache.shallow_calls == 0
+
+
+@pytest.mark.parametrize("branch", range(LAST_BRANCH + 1))
+def test_a_cached_call_right_after_a_full_one_returns_the_full_output(unet, branch):
+    """Same x and t: the cached call sees the exact deep feature, so it reproduces the full call bit for bit."""
+    x, t = noise(1), torch.tensor([420, 420])
+    cache = DeepCache(unet, [900, 660, 420], interval=2, branch=branch)  # full steps: 900 and 420
+    with torch.no_grad():
+        full = cache(x, t)
+        again = cache(x, t)
+        assert (cache.full_calls, cache.shallow_calls) == (1, 1)
+        assert torch.equal(full, unet(x, t)) and torch.equal(again, full)
+
+
+# ---------------------------------------------------------------- what runs, and when
+
+
+@pytest.mark.parametrize("branch", range(LAST_BRANCH + 1))
+def test_cached_calls_skip_exactly_the_blocks_deeper_than_the_branch(hooked, branch):
+    (model, ran, every), ts = hooked, timesteps.leading(4, SCHED.T)
+    cache, kinds = DeepCache(model, ts, interval=2, branch=branch), []
+    ran.clear()
+    with torch.no_grad():
+        for t in ts:
+            cache(noise(), torch.full((2,), int(t)))
+            kinds.append(set(ran))
+            ran.clear()
+    assert kinds[0] == kinds[2] == every  # full steps 0 and 2 run every block
+    assert kinds[1] == kinds[3] == shallow_blocks(branch)
+    assert "mid" not in kinds[1] and len(kinds[1]) < len(every)
+
+
+@pytest.mark.parametrize("interval, uniform, steps", [(3, True, 8), (4, True, 9), (2, False, 10), (3, False, 12)])
+def test_full_calls_follow_the_schedule_under_ddim(hooked, interval, uniform, steps):
+    (model, ran, _), ts = hooked, timesteps.leading(steps, SCHED.T)
+    cache, full = DeepCache(model, ts, interval=interval, uniform=uniform), []
+    ran.clear()
+
+    def watched(x, t):  # which calls ran the middle block: the full ones
+        eps = cache(x, t)
+        full.append("mid" in ran)
+        ran.clear()
+        return eps
+
+    samplers.ddim(watched, noise(), SCHED, ts)
+    expected = list(range(0, steps, interval)) if uniform else nonuniform_steps(steps, interval)
+    assert [i for i, f in enumerate(full) if f] == expected == cache.full_steps
+    assert (cache.full_calls, cache.shallow_calls) == (len(expected), steps - len(expected))
+
+
+def test_runge_kutta_extra_timesteps_reuse_the_cache(unet):
+    """PNDM-like calls: only the first call at a full-step timestep is full; t - d/2 and repeats are cached."""
+    ts = [900, 800, 700, 600]
+    cache = DeepCache(unet, ts, interval=2)  # full steps at 900 and 700
+    kinds = []
+    counted = lambda x, t: (kinds.append(cache.full_calls), cache(x, t))[1]  # noqa: E731
+    prk_like(counted, noise(), SCHED, ts)
+    became_full = [b > a for a, b in zip(kinds, kinds[1:] + [cache.full_calls], strict=True)]
+    # calls: (900 850 850 800) (800 750 750 700) (700 650 650 600)
+    assert became_full == [True, False, False, False, False, False, False, True, False, False, False, False]
+
+
+# ---------------------------------------------------------------- the non-uniform schedule
+
+
+@pytest.mark.parametrize(
+    "steps, interval, center, power", [(100, 3, 0.5, 1.4), (100, 10, 0.3, 1.2), (50, 5, 0.5, 2.0), (20, 2, 0.7, 1.0)]
+)
+def test_nonuniform_steps_follow_the_power_rule(steps, interval, center, power):
+    got = nonuniform_steps(steps, interval, center, power)
+    k, c = math.ceil(steps / interval), center * steps
+    ls = np.linspace(-(c ** (1 / power)), (steps - c) ** (1 / power), k, endpoint=False)
+    expected = np.unique(np.clip(np.rint(c + np.sign(ls) * np.abs(ls) ** power), 0, steps - 1)).astype(int)
+    assert got == expected.tolist()
+    assert got[0] == 0 and got == sorted(set(got)) and got[-1] < steps and len(got) <= k
+    gaps = np.diff(got)
+    if power > 1:  # dense around the centre, sparse at the ends
+        middle = np.argmin(np.abs(np.array(got[:-1]) - c))
+        assert gaps[middle] < min(gaps[0], gaps[-1])
+
+
+def test_power_one_spreads_the_full_steps_evenly():
+    assert nonuniform_steps(100, 10, 0.5, 1.0) == list(range(0, 100, 10))
+    assert uniform_steps(10, 3) == [0, 3, 6, 9]
+
+
+# ---------------------------------------------------------------- no stale cache
+
+
+def test_a_new_batch_never_reuses_the_last_batchs_features(unet):
+    ts = timesteps.leading(5, SCHED.T)
+    cache = DeepCache(unet, ts, interval=5)  # one full step, four cached ones
+    samplers.ddim(cache, noise(1), SCHED, ts)
+    second = samplers.ddim(cache, noise(2), SCHED, ts)  # no reset(): the first timestep starts a new trajectory
+    assert torch.equal(second, samplers.ddim(DeepCache(unet, ts, interval=5), noise(2), SCHED, ts))
+    assert cache.full_calls == 2
+
+
+def test_reset_and_a_new_batch_size_force_a_full_call(unet):
+    cache = DeepCache(unet, [900, 500, 100], interval=3)
+    with torch.no_grad():
+        cache(noise(), 900)
+        cache(noise(), 500)
+        assert (cache.full_calls, cache.shallow_calls) == (1, 1)
+        cache.reset()
+        cache(noise(), 500)
+        assert cache.full_calls == 2
+        assert torch.equal(cache(noise(3, batch=3), 100), unet(noise(3, batch=3), 100))
+        assert cache.full_calls == 3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"branch": 8}, r"branch=8 does not exist .* choose 0\.\.7"),
+        ({"branch": -1}, r"branch=-1 does not exist"),
+        ({"interval": 0}, r"interval=0 must be an int >= 1"),
+        ({"interval": 2.5}, r"interval=2.5 must be an int >= 1"),
+        ({"timesteps": [5, 7]}, r"strictly descending"),
+        ({"uniform": False, "center": 1.5}, r"center=1.5 must lie in \[0, 1\]"),
+        ({"uniform": False, "power": 0.5}, r"power=0.5 must be >= 1"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(unet, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeepCache(unet, **{"timesteps": [9, 5, 1], **kwargs})
+
+
+def test_bad_calls_raise_clear_errors(unet):
+    with pytest.raises(ValueError, match=r"needs the sampling timesteps"):
+        DeepCache(unet, interval=2)(noise(), 10)
+    with pytest.raises(ValueError, match=r"t=950 lies above the first planned timestep 900"):
+        DeepCache(unet, [900, 10], interval=2)(noise(), 950)
+    with pytest.raises(ValueError, match=r"one timestep per call"):
+        DeepCache(unet, [900, 10], interval=2)(noise(), torch.tensor([900, 10]))
+    with pytest.raises(ValueError, match=r"wraps a diffusion.unet.UNet"):
+        DeepCache(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"one level, no branch after it: choose branch in 0\.\.0"):
+        DeepCache(UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), resolution=32))
+
+
+# ---------------------------------------------------------------- cost
+
+
+def test_count_macs_agrees_with_torchs_flop_counter_plus_the_attention_products(unet):
+    x, t = noise(), torch.tensor([3, 700])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t)
+    dense_ops = {"aten.convolution", "aten.addmm", "aten.mm"}  # FLOPs = 2 MACs; attention is counted apart
+    dense = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op) in dense_ops)
+    attention = 2 * 2 * 8**4 * 64 * (2 + 3)  # level 1 (8x8 for 16x16 inputs, 64 channels): 2 down + 3 up, batch 2
+    attention += 2 * 2 * 4**4 * 64  # the middle one at 4x4
+    assert count_macs(unet, lambda: unet(x, t)) == dense // 2 + attention
+
+
+def test_cached_cost_reproduces_the_papers_cifar10_macs_ratios():
+    """The paper's MACs ratios for 100 DDIM steps at N = 2, 3, 5, 10 come back within 2% with the cached call
+    running only the first resolution level (branch 1, the default; branch 2 also reruns a 16x16 up block)."""
+    with torch.device("meta"):
+        model = UNet(**CIFAR10)
+    share = cached_cost(model)
+    assert share == cached_cost(model, branch=1)
+    for n, paper in [(2, 1.47), (3, 1.72), (5, 2.03), (10, 2.32)]:
+        full = len(uniform_steps(100, n))
+        assert macs_speedup(share, full, 100) == pytest.approx(paper, rel=0.02)
+    assert cached_cost(model, branch=0) < share < cached_cost(model, branch=2) < cached_cost(model, branch=10) < 1
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_cache_configs_compose(unet, tmp_path):
+    assert not compose_config("sample", [], tmp_path).cache  # cache=none: no wrapper
+    cfg = compose_config("sample", ["cache=deepcache"], tmp_path)
+    cache = instantiate(cfg.cache)(unet, timesteps=timesteps.leading(10, SCHED.T))
+    assert (
+        isinstance(cache, DeepCache) and cache.interval == 3 and cache.branch == 1 and cache.full_steps == [0, 3, 6, 9]
+    )
+    cfg = compose_config("sample", ["cache=deepcache", "cache.uniform=false"], tmp_path)
+    cache = instantiate(cfg.cache)(unet, timesteps=timesteps.leading(30, SCHED.T))
+    assert cache.full_steps == nonuniform_steps(30, 3, 0.5, 1.4)
