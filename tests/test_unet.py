@@ -1,7 +1,6 @@
 """The DDPM UNet: shapes, the paper's parameter counts, the time embedding, init, gradients, and diffusers parity."""
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from diffusion.pretrained import to_diffusers
 from diffusion.unet import Attention, ResBlock, UNet, timestep_embedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -58,28 +58,6 @@ def diffusers_unet(
         flip_sin_to_cos=False,  # [sin | cos]
         downsample_padding=0,  # TF "SAME" padding on the stride-2 conv
     )
-
-
-def to_diffusers(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Our state dict under diffusers' UNet2DModel names (qkv split into to_q, to_k, to_v)."""
-    out = {}
-    for name, value in state.items():
-        name = re.sub(r"^up\.(\d+)\.", lambda m: f"up_blocks.{num_levels - 1 - int(m[1])}.", name)
-        for ours, theirs in [
-            (r"^temb\.0\.", "time_embedding.linear_1."), (r"^temb\.2\.", "time_embedding.linear_2."),
-            (r"^down\.", "down_blocks."), (r"^mid\.res(\d)\.", lambda m: f"mid_block.resnets.{int(m[1]) - 1}."),
-            (r"^mid\.attn\.", "mid_block.attentions.0."), (r"^norm_out\.", "conv_norm_out."),
-            (r"\.res\.", ".resnets."), (r"\.attn\.", ".attentions."), (r"\.temb_proj\.", ".time_emb_proj."),
-            (r"\.skip\.", ".conv_shortcut."), (r"\.norm\.", ".group_norm."), (r"\.proj\.", ".to_out.0."),
-            (r"(down_blocks\.\d+)\.resample\.", r"\1.downsamplers.0."), (r"\.resample\.", ".upsamplers.0."),
-        ]:  # fmt: skip
-            name = re.sub(ours, theirs, name)
-        if ".qkv." in name:
-            for part, chunk in zip("qkv", value.chunk(3), strict=True):
-                out[name.replace(".qkv.", f".to_{part}.")] = chunk
-        else:
-            out[name] = value
-    return out
 
 
 # ---------------------------------------------------------------- shapes and sizes
