@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["wandb", "has_wandb_credentials", "finish_wandb"]
+__all__ = ["wandb", "has_wandb_credentials", "go_offline_without_credentials", "finish_wandb"]
 
 
 def has_wandb_credentials() -> bool:
@@ -26,18 +26,24 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+def go_offline_without_credentials(save_dir: str | Path) -> None:
+    """Set WANDB_MODE=offline (and say so once) when no mode is set and W&B could not log in without a prompt."""
+    if os.environ.get("WANDB_MODE") or has_wandb_credentials():
+        return
+    os.environ["WANDB_MODE"] = "offline"  # inherited by DDP workers and by wandb's own service process
+    rank_zero_info(
+        "W&B: no credentials found (WANDB_API_KEY or `wandb login`), so this run logs offline under "
+        f"{Path(save_dir) / 'wandb'}. Upload it later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`, "
+        "or set WANDB_MODE=disabled or logger=none to skip W&B."
+    )
+
+
 def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id: str | None = None, **kwargs: Any):
     """A Lightning WandbLogger whose files live under `save_dir/wandb`; offline, and says so, without credentials.
 
     `id` names the W&B run: a resumed training run passes the id from its checkpoint, so its charts continue.
     """
-    if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
-        os.environ["WANDB_MODE"] = "offline"  # inherited by DDP workers and by wandb's own service process
-        rank_zero_info(
-            "W&B: no credentials found (WANDB_API_KEY or `wandb login`), so this run logs offline under "
-            f"{Path(save_dir) / 'wandb'}. Upload it later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`, "
-            "or set WANDB_MODE=disabled or logger=csv to skip W&B."
-        )
+    go_offline_without_credentials(save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, resume="allow" if id else None, **kwargs)
 

@@ -1,0 +1,152 @@
+"""End to end: train the tiny model for a few steps, then sample(cfg) with every sampler config writes a grid and
+an .npz of the right shape; images depend only on (seed, i); bad input gives one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sample import sample
+from train import train
+
+from .conftest import CONF, ROOT, TINY_RUN, compose_config
+
+SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on 16x16 synthetic images: its checkpoint."""
+    run_dir = tmp_path_factory.mktemp("train")
+    train(compose_config("train", [*TINY_RUN, "data.image_size=16", "trainer.max_steps=3"], run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def draw(tmp: Path, ckpt: Path, *overrides: str) -> np.ndarray:
+    cfg = compose_config("sample", [f"ckpt={ckpt}", "logger=none", "n_samples=6", "batch_size=4", *overrides], tmp)
+    return sample(cfg)
+
+
+def script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_writes_an_npz_and_a_grid(sampler, ckpt, tmp_path):
+    images = draw(tmp_path, ckpt, f"sampler={sampler}", "steps=12", "png=true")
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
+    assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "images").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_image_i_depends_only_on_seed_and_i(sampler, ckpt, tmp_path):
+    """Batch size 4 (6 = 4 + 2) and batch size 5 give the same images, also for the stochastic DDPM."""
+    a = draw(tmp_path / "a", ckpt, f"sampler={sampler}", "steps=5", "batch_size=4")
+    b = draw(tmp_path / "b", ckpt, f"sampler={sampler}", "steps=5", "batch_size=5")
+    c = draw(tmp_path / "c", ckpt, f"sampler={sampler}", "steps=5", "seed=1")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_deepcache_with_interval_one_is_the_plain_model(ckpt, tmp_path):
+    plain = draw(tmp_path / "plain", ckpt, "steps=6")
+    cached = draw(tmp_path / "cached", ckpt, "steps=6", "cache=deepcache", "cache.interval=1")
+    np.testing.assert_array_equal(plain, cached)
+
+
+def test_wandb_records_a_sample_run(ckpt, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    draw(tmp_path, ckpt, "steps=3", "logger=wandb")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    log = next(run_dir.glob("*.wandb")).read_bytes()
+    assert b"images_per_s" in log and b"nfe" in log
+    assert b":\x06sample" in log  # the run record's job_type field (protobuf field 7): "sample"
+    assert str(ckpt).encode() in log  # the training run it came from
+
+
+class PixelFeatures(torch.nn.Module):
+    """A stand-in for the Inception network (whose weights cannot be downloaded here): mean colour per quadrant."""
+
+    name = "pixel-quadrants"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
+
+
+def test_fid_is_computed_against_the_training_data_and_recorded(ckpt, tmp_path, monkeypatch):
+    from diffusion import metrics
+
+    monkeypatch.setattr(metrics, "Inception", PixelFeatures)
+    draw(tmp_path / "run", ckpt, "steps=3", "fid=true", f"fid_stats_dir={tmp_path / 'stats'}", "logger=csv")
+    record = json.loads((tmp_path / "run" / "fid.json").read_text())
+    assert record["n_samples"] == 6 and record["extractor"] == "pixel-quadrants" and record["fid"] > 0
+    assert record["n_reference"] == 64  # the tiny run's synthetic training set, cached for the next time
+    assert len(list((tmp_path / "stats").glob("*.npz"))) == 1
+    (metrics_csv,) = (tmp_path / "run" / "csv").rglob("metrics.csv")
+    assert "fid" in metrics_csv.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["steps=0"], "steps=0 is out of range"),
+        (["steps=1001"], "steps=1001 is out of range"),
+        (["spacing=random"], "spacing"),
+        (["precision=fp8"], "precision"),
+    ],
+)
+def test_bad_options_say_what_to_change(overrides, message, ckpt, tmp_path):
+    with pytest.raises(Exception, match=message):
+        draw(tmp_path, ckpt, *overrides)
+
+
+def test_missing_corrupt_and_foreign_checkpoints_are_one_line(tmp_path):
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.ckpt")
+    for name, message in [("nope.ckpt", "no checkpoint at"), ("corrupt.ckpt", "cannot read"),
+                          ("foreign.ckpt", "not a checkpoint of this project")]:  # fmt: skip
+        result = script("sample.py", f"ckpt={tmp_path / name}", f"hydra.run.dir={tmp_path / 'out'}")
+        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_unknown_sampler_lists_the_choices(tmp_path):
+    result = script("sample.py", "sampler=euler", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert all(name in result.stderr for name in SAMPLERS), result.stderr
+
+
+def test_sample_without_ckpt_takes_the_newest_checkpoint(ckpt, tmp_path, monkeypatch):
+    older, newer = tmp_path / "outputs" / "a" / "last.ckpt", tmp_path / "outputs" / "b" / "last.ckpt"
+    for path in (older, newer):
+        path.parent.mkdir(parents=True)
+        shutil.copy(ckpt, path)
+    os.utime(older, (1, 1))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("sample", ["logger=none", "n_samples=2", "steps=2"], tmp_path / "out")
+    assert sample(cfg).shape == (2, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_work_and_gather_the_same_images(ckpt, tmp_path):
+    common = [f"ckpt={ckpt}", "logger=none", "n_samples=5", "batch_size=2", "steps=4", "sampler=ddpm"]
+    single = draw(tmp_path / "single", ckpt, *common[2:])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "sample.py", *common,
+         f"hydra.run.dir={tmp_path / 'multi'}"],  # fmt: skip
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "multi" / "samples.npz")["arr_0"], single)
+    assert not list((tmp_path / "multi").glob(".part-*"))
