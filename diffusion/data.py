@@ -1,4 +1,4 @@
-"""DataModules: CIFAR-10, CelebA 64x64, a folder of images, and built-in synthetic shapes.
+"""DataModules for image files: CIFAR-10, CelebA 64x64, a folder of images (built-in data: diffusion.synthetic).
 
 Every module yields image batches [B, C, H, W] in [-1, 1], no labels. Training reads an endless stream whose
 order (and flips) depend only on the seed and the position in the stream, so a resumed run picks up exactly
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import UsageError
 
-__all__ = ["DataNotFoundError", "StreamSampler", "CIFAR10", "CelebA", "ImageFolder", "Synthetic"]
+__all__ = ["DataNotFoundError", "StreamSampler", "ImageData", "CIFAR10", "CelebA", "ImageFolder", "seed_of"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -31,7 +31,7 @@ class DataNotFoundError(UsageError):
     """A dataset's files are not where the config says they are."""
 
 
-def _seed(*keys: int) -> int:
+def seed_of(*keys: int) -> int:
     """A well-mixed 63-bit seed from integers, so (seed, epoch) and (seed, index) streams never collide."""
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
@@ -54,7 +54,7 @@ class StreamSampler(Sampler):
         self.start = start + (rank - start) % world_size  # the first position >= start that is this rank's
 
     def _epoch(self, epoch: int) -> tuple[list[int], list[bool]]:
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        g = torch.Generator().manual_seed(seed_of(self.seed, epoch))
         perm = torch.randperm(self.n, generator=g)
         flips = torch.randint(0, 2, (self.n,), generator=g).bool() & self.flip
         return perm.tolist(), flips.tolist()
@@ -84,7 +84,7 @@ class _Flipped(Dataset):
 # ---------------------------------------------------------------- the shared DataModule
 
 
-class _ImageData(L.LightningDataModule):
+class ImageData(L.LightningDataModule):
     """Loaders shared by every dataset; subclasses only say how to build the train and validation sets.
 
     Args:
@@ -143,13 +143,18 @@ class _ImageData(L.LightningDataModule):
 # ---------------------------------------------------------------- CIFAR-10
 
 
-class CIFAR10(_ImageData):
+class CIFAR10(ImageData):
     """torchvision's CIFAR-10 at 32x32: the 50k training images, the 10k test images for the validation loss."""
 
     URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
     def __init__(self, root: str, download: bool = True, **kwargs) -> None:
         super().__init__(root, **kwargs)
+        if self.image_size != 32 or self.channels != 3:
+            raise ValueError(
+                f"CIFAR-10 images are 32x32 RGB, but data.image_size={self.image_size} and data.channels="
+                f"{self.channels}: leave both at their defaults (use data=folder to resize images of your own)"
+            )
         self.download = download
 
     def _missing(self, why: str) -> DataNotFoundError:
@@ -174,8 +179,9 @@ class CIFAR10(_ImageData):
 
         try:
             train, test = (TorchCIFAR10(str(self.root), train=split, transform=_to_tensor) for split in (True, False))
-        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
-            raise self._missing(str(error).rstrip(". ")) from None
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"; its hint names its own argument
+            hint = "" if self.download else "; data.download=true fetches it"
+            raise self._missing(f"missing or corrupted{hint}") from None
         return _Images(train), _Images(test)
 
 
@@ -195,7 +201,7 @@ class _Images(Dataset):
 # ---------------------------------------------------------------- CelebA
 
 
-class CelebA(_ImageData):
+class CelebA(ImageData):
     """CelebA aligned faces at 64x64 with the DDIM paper's preprocessing: the 128x128 box at top 57, left 25,
     resized. Reads `<root>/celeba/img_align_celeba/` and `<root>/celeba/list_eval_partition.txt`, the layout
     torchvision uses, without its other annotation files (partition 0 trains, 1 validates)."""
@@ -216,7 +222,7 @@ class CelebA(_ImageData):
             if line.strip():
                 name, split = line.split()
                 splits[int(split)].append(folder / name)
-        return (_Files(splits[s], self._transform) for s in (0, 1))
+        return _Files(splits[0], self._transform), _Files(splits[1], self._transform)
 
     def _transform(self, image: Image.Image) -> Tensor:
         image = TF.crop(image.convert("RGB"), 57, 25, 128, 128)
@@ -241,7 +247,7 @@ class _Files(Dataset):
 # ---------------------------------------------------------------- a folder of images
 
 
-class ImageFolder(_ImageData):
+class ImageFolder(ImageData):
     """Every image below `root` (png, jpg, webp, bmp), resized and centre-cropped to image_size; a fixed,
     seeded `val_fraction` of the files is held out for the validation loss."""
 
@@ -266,44 +272,3 @@ class ImageFolder(_ImageData):
     def _transform(self, image: Image.Image) -> Tensor:
         image = TF.resize(image.convert("RGB" if self.channels == 3 else "L"), self.image_size, antialias=True)
         return _to_tensor(TF.center_crop(image, [self.image_size] * 2))
-
-
-# ---------------------------------------------------------------- built-in synthetic shapes
-
-
-class Synthetic(_ImageData):
-    """Coloured discs and squares on plain backgrounds, drawn from the index: no download, and a sample grid
-    shows at a glance whether a model learned them."""
-
-    COLOURS = torch.tensor(
-        [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], dtype=torch.float32
-    )
-
-    def __init__(self, root: str = "", num_images: int = 10000, num_val: int = 256, **kwargs) -> None:
-        super().__init__(root, **kwargs)
-        self.num_images, self.num_val = num_images, num_val
-
-    def build(self) -> tuple[Dataset, Dataset]:
-        shapes = _Shapes(self.image_size, self.channels, self.seed)
-        return Subset(shapes, range(self.num_images)), Subset(
-            shapes, range(self.num_images, self.num_images + self.num_val)
-        )
-
-
-class _Shapes(Dataset):
-    def __init__(self, size: int, channels: int, seed: int) -> None:
-        self.size, self.channels, self.seed = size, channels, seed
-        axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-        self.y, self.x = torch.meshgrid(axis, axis, indexing="ij")
-
-    def __getitem__(self, i: int) -> Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, i))
-        u = torch.rand(5, generator=g)
-        colour = Synthetic.COLOURS[torch.randint(len(Synthetic.COLOURS), (1,), generator=g)].view(3, 1, 1)
-        background = -0.8 if u[0] < 0.5 else 0.6
-        radius = 0.15 + 0.2 * u[1]
-        cy, cx = radius + (1 - 2 * radius) * u[2], radius + (1 - 2 * radius) * u[3]
-        dy, dx = (self.y - cy).abs(), (self.x - cx).abs()
-        inside = (dy**2 + dx**2 <= radius**2) if u[4] < 0.5 else (torch.maximum(dy, dx) <= radius * 0.85)
-        image = torch.where(inside, colour, torch.full((3, 1, 1), background))
-        return image if self.channels == 3 else image.mean(0, keepdim=True).expand(self.channels, -1, -1).clone()
