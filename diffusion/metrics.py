@@ -274,6 +274,7 @@ _CONTENT = {
     "CIFAR10": (),
     "CelebA": (),
     "Synthetic": ("seed", "num_images"),
+    "Mixture": ("seed", "num_images", "num_modes", "std", "contrast"),
     "ImageFolder": ("root", "seed", "val_fraction"),
 }
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from diffusion import metrics
-from diffusion.data import Synthetic
 from diffusion.errors import UsageError
 from diffusion.images import save_npz, to_uint8
 from diffusion.metrics import FIDResult, WeightsNotFoundError, fid_from_npz, frechet_distance
+from diffusion.synthetic import Synthetic
 
 from .conftest import ROOT
 
@@ -179,7 +179,7 @@ def test_fid_end_to_end_with_a_cached_unaugmented_reference(tmp_path):
     assert set(result.as_dict()) == {"fid", "n_samples", "reference", "n_reference", "extractor", "weights"}
 
     # Reused, not recomputed, also when the reference comes as a checkpoint's data config: only the samples run.
-    config = {"_target_": "diffusion.data.Synthetic", "root": "", "num_images": 24, "num_val": 4, "image_size": 8,
+    config = {"_target_": "diffusion.synthetic.Synthetic", "root": "", "num_images": 24, "num_val": 4, "image_size": 8,
               "channels": 3, "batch_size": 8, "num_workers": 0, "hflip": True, "seed": 3}  # fmt: skip
     again = fid_from_npz(tmp_path / "flipped.npz", config, cache_dir=cache, extractor=net, **OPTIONS)
     assert net.calls == 6 + 3 and len(list(cache.iterdir())) == 1
