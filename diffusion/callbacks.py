@@ -9,8 +9,9 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from .images import grid, save_png, to_uint8
+from .metrics import Inception, frechet_distance, inception_features, reference_stats_for, stats
 
-__all__ = ["SampleGrid"]
+__all__ = ["SampleGrid", "FID"]
 
 
 class SampleGrid(L.Callback):
@@ -34,3 +35,42 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [image], step=step, caption=[f"step {step}, DDIM {self.steps} steps"])
+
+
+class FID(L.Callback):
+    """Every `every_n_steps` (0: never, the default), FID of `n` EMA samples (DDIM, `steps` steps) against the
+    training set's cached statistics, logged as `val/fid`. A few thousand samples track progress; paper figures
+    need 50k from sample.py (FID is biased upwards at small n, so compare runs at the same n)."""
+
+    def __init__(self, every_n_steps: int = 0, n: int = 5000, steps: int = 50, batch_size: int = 250,
+                 stats_dir: str = "data/fid_stats", seed: int = 0) -> None:  # fmt: skip
+        if every_n_steps < 0 or n < 2 or steps < 1 or batch_size < 1:
+            raise ValueError("FID needs every_n_steps >= 0 (0 turns it off), n >= 2, steps >= 1 and batch_size >= 1")
+        self.every_n_steps, self.n, self.steps, self.batch_size = every_n_steps, n, steps, batch_size
+        self.stats_dir, self.seed = stats_dir, seed
+        self._net, self._reference = None, None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # At the start, not 10k steps in: a missing weight file or dataset stops the run before it trains.
+        if self.every_n_steps and trainer.is_global_zero:
+            self._net = Inception().to(pl_module.device)
+            self._reference = reference_stats_for(
+                trainer.datamodule, self.stats_dir, extractor=self._net, device=pl_module.device, progress=False
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps:
+            return
+        # Every rank samples (a sharded model needs all of them); rank zero scores and logs.
+        images = [
+            to_uint8(pl_module.sample(min(self.batch_size, self.n - i), self.steps, seed=self.seed + i))
+            for i in range(0, self.n, self.batch_size)
+        ]
+        if not trainer.is_global_zero:
+            return
+        features = inception_features(images, extractor=self._net, device=pl_module.device, progress=False)
+        mu, sigma, _ = self._reference
+        fid = frechet_distance(*stats(features), mu, sigma)
+        for logger in trainer.loggers:  # once, at this step (self.log would repeat it at later steps)
+            logger.log_metrics({"val/fid": fid}, step=step)

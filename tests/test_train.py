@@ -103,6 +103,32 @@ def test_wandb_goes_offline_without_credentials_and_logs_the_loss(tmp_path, monk
     assert b"warmup_steps" in log  # the resolved config
 
 
+def test_fid_during_training_is_logged(tmp_path, monkeypatch):
+    """callbacks.fid.every_n_steps > 0 logs val/fid against the cached training-set statistics (the Inception
+    network, whose weights cannot be downloaded here, is swapped for a pixel-statistics stand-in)."""
+    from diffusion import callbacks
+
+    class Pixels(torch.nn.Module):
+        name = "pixel-quadrants"
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
+
+    monkeypatch.setattr(callbacks, "Inception", Pixels)
+    stats_dir = tmp_path / "stats"
+    run(tmp_path, "callbacks.fid.every_n_steps=3", "callbacks.fid.n=8", f"callbacks.fid.stats_dir={stats_dir}")
+    metrics = (next(tmp_path.glob("csv/version_*/metrics.csv"))).read_text()
+    fids = [float(r["val/fid"]) for r in csv.DictReader(metrics.splitlines()) if r.get("val/fid")]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    assert len(list(stats_dir.glob("*.npz"))) == 1
+
+
+def test_fid_is_off_by_default(tmp_path):
+    _, cfg = run(tmp_path, "trainer.max_steps=1")
+    assert cfg.callbacks.fid.every_n_steps == 0
+    assert "val/fid" not in next(tmp_path.glob("csv/version_*/metrics.csv")).read_text()
+
+
 # ---------------------------------------------------------------- processes: DDP, multirun, bad input
 
 
