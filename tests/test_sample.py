@@ -64,6 +64,17 @@ def test_deepcache_with_interval_one_is_the_plain_model(ckpt, tmp_path):
     np.testing.assert_array_equal(plain, cached)
 
 
+def test_a_pretrained_folder_samples_like_its_checkpoint(ckpt, tmp_path):
+    """Export the EMA weights to a diffusers folder, sample from it: the same images as from the checkpoint."""
+    from diffusion import pretrained
+
+    pretrained.export_checkpoint(ckpt, tmp_path / "folder")
+    direct = draw(tmp_path / "direct", ckpt, "steps=4")
+    cfg = compose_config("sample", [f"pretrained={tmp_path / 'folder'}", "logger=none", "n_samples=6", "steps=4"],
+                         tmp_path / "from-folder")  # fmt: skip
+    np.testing.assert_array_equal(sample(cfg), direct)
+
+
 def test_wandb_records_a_sample_run(ckpt, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     draw(tmp_path, ckpt, "steps=3", "logger=wandb")
@@ -103,6 +114,7 @@ def test_fid_is_computed_against_the_training_data_and_recorded(ckpt, tmp_path, 
         (["steps=1001"], "steps=1001 is out of range"),
         (["spacing=random"], "spacing"),
         (["precision=fp8"], "precision"),
+        (["cache=deepcache", "cache.branch=99"], "branch=99 does not exist"),
     ],
 )
 def test_bad_options_say_what_to_change(overrides, message, ckpt, tmp_path):
