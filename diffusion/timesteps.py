@@ -52,19 +52,23 @@ def quadratic(steps: int, T: int) -> Tensor:
 
 
 def logsnr(steps: int, schedule: Schedule) -> Tensor:
-    """Uniform in lambda_t = log(sqrt(abar_t / (1 - abar_t))) from t = T-1 to t = 0 (DPM-Solver, Lu et al. 2022).
+    """Uniform in lambda_t = log(sqrt(abar_t / (1 - abar_t))) from the noisiest usable timestep to t = 0
+    (DPM-Solver, Lu et al. 2022).
 
     Each lambda is mapped to the nearest integer timestep (linear interpolation of lambda over t, rounded); where
     several round to the same t (the low-noise end at many steps), they are spread to the nearest free integers.
-    On the cosine schedule the clipped last beta puts lambda_{T-1} (-9.9) far below lambda_{T-2} (-6.5), so the
-    first few steps sit at T-1, T-2, ...: faithful to the paper's grid, though they buy little.
+    The grid starts at the noisiest t whose beta_t is below 1/2: T-1 for the linear schedule, 996 of the cosine
+    schedule at T = 1000, whose final betas (clipped at 0.999) send lambda off a cliff (-6.5 to -9.9 in one
+    step). The paper stops the cosine schedule short for the same reason (t_T = 0.9946); starting at T-1 would
+    spend the first steps of a 10-step grid at 999, 998, 997, 994 and triple DPM-Solver's error there.
     """
     T = schedule.T
     _check(steps, T)
-    abar = schedule.alphas_cumprod.cpu()
+    start = int(torch.nonzero(schedule.betas < 0.5).max())  # the noisiest timestep before any cliff
+    abar = schedule.alphas_cumprod[: start + 1].cpu()
     lam = (0.5 * (abar.log() - (-abar).log1p())).numpy()  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], steps)
-    ts = np.interp(targets, lam[::-1], np.arange(T - 1, -1, -1, dtype=np.float64)).round().astype(np.int64)
+    ts = np.interp(targets, lam[::-1], np.arange(start, -1, -1, dtype=np.float64)).round().astype(np.int64)
     ts = np.sort(ts)  # ascending; move repeats up to the next free integer, then back under T-1 if needed
     for i in range(1, steps):
         ts[i] = max(ts[i], ts[i - 1] + 1)

@@ -30,12 +30,21 @@ def test_uniform_spacings_match_the_papers():
 @pytest.mark.parametrize("sched", [schedule.linear(1000), schedule.cosine(1000)], ids=str)
 def test_logsnr_is_uniform_in_log_snr_from_the_first_to_the_last_timestep(sched):
     ts = timesteps.logsnr(8, sched)
-    assert ts[0] == sched.T - 1 and ts[-1] == 0
+    first = int((sched.betas < 0.5).nonzero().max())  # T-1 for linear; below the cosine's clipped tail
+    assert ts[0] == first and ts[-1] == 0
     lam = _lam(sched, ts)
     target = torch.linspace(float(lam[0]), float(lam[-1]), 8, dtype=torch.float64)
     # rounding t to an integer moves lambda by at most half the local slope |d lambda / dt|
     slope = (_lam(sched, (ts + 1).clamp(max=sched.T - 1)) - _lam(sched, (ts - 1).clamp(min=0))).abs()
     assert bool(((lam - target).abs() <= slope / 2 + 1e-9).all()), (lam, target)
+
+
+def test_logsnr_starts_below_the_cosine_schedules_cliff():
+    """The cosine schedule's last betas (0.56, 0.75, 0.999) drop lambda by 3.5 in one step: the grid starts
+    before them (the paper's t_T = 0.9946 for the same schedule), so a 10-step grid has no wasted steps there."""
+    assert timesteps.logsnr(10, schedule.linear(1000))[0] == 999
+    ts = timesteps.logsnr(10, schedule.cosine(1000)).tolist()
+    assert ts[0] == 996 and ts[1] < 990
 
 
 def test_logsnr_spreads_repeats_to_free_integers():
