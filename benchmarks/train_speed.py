@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel  # a benchmark-only dependency: pip install -e ".[test]"
 
+from diffusion.pretrained import diffusers_config
 from diffusion.unet import UNet
 
 # model=unet_cifar10 (conf/model/unet_cifar10.yaml) at 32x32: Ho et al. 2020, Appendix B
@@ -29,26 +30,9 @@ CONFIG = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(
 PARAMS = 35_746_307
 
 
-def diffusers_unet(*, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution) -> UNet2DModel:
-    """UNet2DModel with the google/ddpm-* settings for the layout of UNet(**CONFIG) (as in tests/test_unet.py)."""
-    down = tuple(
-        "AttnDownBlock2D" if resolution >> i in attn_resolutions else "DownBlock2D" for i in range(len(ch_mult))
-    )
-    return UNet2DModel(
-        sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(ch * m for m in ch_mult),
-        layers_per_block=num_res_blocks,
-        down_block_types=down,
-        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
-        dropout=dropout,
-        attention_head_dim=None,  # one head as wide as the channels
-        norm_eps=1e-6,
-        freq_shift=1,
-        flip_sin_to_cos=False,
-        downsample_padding=0,
-    )
+def diffusers_unet(ours: UNet) -> UNet2DModel:
+    """UNet2DModel with the layout of `ours` (the config diffusion.pretrained exports, google/ddpm-* settings)."""
+    return UNet2DModel(**{k: v for k, v in diffusers_config(ours).items() if not k.startswith("_")})
 
 
 class Eps(torch.nn.Module):
@@ -147,7 +131,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)  # dropout masks and init: the same stream for every run of this script
-    ours, theirs = UNet(**CONFIG), diffusers_unet(**CONFIG)
+    ours = UNet(**CONFIG)
+    theirs = diffusers_unet(ours)
     counts = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
     assert counts == [PARAMS, PARAMS], f"parameter counts {counts} differ from {PARAMS}: not the same network"
     steps = {"ours (diffusion.unet.UNet)": make_step(ours, args), "diffusers UNet2DModel": make_step(Eps(theirs), args)}

@@ -17,20 +17,12 @@ from diffusion.deepcache import DeepCache, cached_cost, count_macs, macs_speedup
 from diffusion.unet import UNet
 
 from .conftest import compose_config
+from .test_unet import perturbed
 
 LAST_BRANCH = 3 * (2 + 1) - 2  # SMALL: 3 levels of 2 blocks, branches 0..7 (the last level has no downsample)
 SCHED = schedule.linear(T=1000)
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=32)
 CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
-
-
-def perturbed(model: UNet, seed: int = 0) -> UNet:
-    """A fresh UNet outputs 0 (zero-initialised residual branches and output conv): jitter every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module", autouse=True)
