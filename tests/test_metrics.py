@@ -9,8 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import torch
 from diffusion import metrics
 from diffusion.errors import UsageError
 from diffusion.images import save_npz, to_uint8
-from diffusion.metrics import FIDResult, WeightsNotFoundError, fid_from_npz, frechet_distance
+from diffusion.metrics import FIDResult, fid_from_npz, frechet_distance
 from diffusion.synthetic import Synthetic
 
 from .conftest import ROOT
@@ -212,80 +210,10 @@ def test_reference_stats_cache_skips_the_images(tmp_path):
     assert net.calls == 3 and second[2]["n"] == 24
 
 
-def test_grey_images_are_fed_as_rgb_and_bad_images_are_named():
-    net = StandIn(pixels=4 * 4 * 3)
-    grey = np.random.default_rng(5).integers(0, 256, (4, 4, 4, 1), dtype=np.uint8)
-    features = metrics.inception_features(grey, extractor=net, **OPTIONS)
-    np.testing.assert_allclose(features, metrics.inception_features(grey.repeat(3, -1), extractor=net, **OPTIONS))
-    with pytest.raises(ValueError, match="uint8"):
-        metrics.inception_features(grey.astype(np.float32), extractor=net, **OPTIONS)
-    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-        metrics.inception_features(grey.transpose(0, 3, 1, 2).repeat(3, 1), extractor=net, **OPTIONS)
-
-
 def test_samples_of_another_size_are_refused(tmp_path):
     save_npz(np.zeros((4, 16, 16, 3), np.uint8), tmp_path / "samples.npz")
     with pytest.raises(UsageError, match="16px .* 8px"):
         fid_from_npz(tmp_path / "samples.npz", data(), cache_dir=tmp_path, extractor=StandIn(), **OPTIONS)
-
-
-# ---------------------------------------------------------------- the Inception weights
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty torch hub folder, no DIFFUSION_FID_WEIGHTS, and a network that fails like an offline one."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
-    timeouts = []
-
-    def offline(url, timeout=None, **kwargs):
-        timeouts.append(timeout)
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    return tmp_path / "torch" / "hub" / "checkpoints", timeouts
-
-
-def test_missing_weights_offline_say_which_file_goes_where(hub):
-    checkpoints, timeouts = hub
-    with pytest.raises(WeightsNotFoundError) as error:
-        metrics.Inception()
-    message = str(error.value)
-    assert isinstance(error.value, UsageError) and "\n" not in message
-    assert metrics.WEIGHTS_URL in message and "download failed" in message
-    assert str(checkpoints / "weights-inception-2015-12-05-6726825d.pth") in message and metrics.WEIGHTS_ENV in message
-    assert timeouts and 0 < timeouts[0] <= 60  # one short try, never a hang
-    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # no partial file left behind
-
-
-def test_weights_env_var_and_pytorch_fid_name(hub, tmp_path, monkeypatch):
-    checkpoints, timeouts = hub
-    checkpoints.mkdir(parents=True)
-    (checkpoints / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")
-    assert metrics.weights_path() == checkpoints / "pt_inception-2015-12-05-6726825d.pth" and not timeouts
-    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nowhere.pth"))
-    with pytest.raises(WeightsNotFoundError, match=f"{metrics.WEIGHTS_ENV}=.*nowhere.pth is not a file"):
-        metrics.weights_path()
-
-
-def test_inception_loads_weights_in_the_fid_layout(tmp_path, monkeypatch):
-    """The real network with random weights in the released file's layout (torchvision's Inception3 names, 1008
-    classes): uint8 images of any size -> [B, 2048]; a corrupt file is named."""
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    path = tmp_path / "weights.pth"
-    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).state_dict(), path)
-    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(path))
-    net = metrics.Inception()
-    images = np.random.default_rng(6).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-    features = metrics.inception_features(images, extractor=net, **OPTIONS)
-    assert features.shape == (1, 2048) and np.isfinite(features).all() and not net.training
-    assert net.weights == "weights.pth" and "inception-v3-compat" in net.name
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsNotFoundError, match="weights.pth is not the FID Inception weights"):
-        metrics.Inception()
 
 
 # ---------------------------------------------------------------- command line

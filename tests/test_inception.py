@@ -1,0 +1,88 @@
+"""The FID feature extractor: grey and bad images, where the Inception weights are looked up, and the message when
+they are missing offline."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import inception
+from diffusion.errors import UsageError
+from diffusion.inception import WeightsNotFoundError
+
+from .test_metrics import OPTIONS, StandIn
+
+
+def test_grey_images_are_fed_as_rgb_and_bad_images_are_named():
+    net = StandIn(pixels=4 * 4 * 3)
+    grey = np.random.default_rng(5).integers(0, 256, (4, 4, 4, 1), dtype=np.uint8)
+    features = inception.inception_features(grey, extractor=net, **OPTIONS)
+    np.testing.assert_allclose(features, inception.inception_features(grey.repeat(3, -1), extractor=net, **OPTIONS))
+    with pytest.raises(ValueError, match="uint8"):
+        inception.inception_features(grey.astype(np.float32), extractor=net, **OPTIONS)
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        inception.inception_features(grey.transpose(0, 3, 1, 2).repeat(3, 1), extractor=net, **OPTIONS)
+
+
+# ---------------------------------------------------------------- the Inception weights
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty torch hub folder, no DIFFUSION_FID_WEIGHTS, and a network that fails like an offline one."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    timeouts = []
+
+    def offline(url, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return tmp_path / "torch" / "hub" / "checkpoints", timeouts
+
+
+def test_missing_weights_offline_say_which_file_goes_where(hub):
+    checkpoints, timeouts = hub
+    with pytest.raises(WeightsNotFoundError) as error:
+        inception.Inception()
+    message = str(error.value)
+    assert isinstance(error.value, UsageError) and "\n" not in message
+    assert inception.WEIGHTS_URL in message and "download failed" in message
+    assert str(checkpoints / "weights-inception-2015-12-05-6726825d.pth") in message
+    assert inception.WEIGHTS_ENV in message
+    assert timeouts and 0 < timeouts[0] <= 60  # one short try, never a hang
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # no partial file left behind
+
+
+def test_weights_env_var_and_pytorch_fid_name(hub, tmp_path, monkeypatch):
+    checkpoints, timeouts = hub
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")
+    assert inception.weights_path() == checkpoints / "pt_inception-2015-12-05-6726825d.pth" and not timeouts
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "nowhere.pth"))
+    with pytest.raises(WeightsNotFoundError, match=f"{inception.WEIGHTS_ENV}=.*nowhere.pth is not a file"):
+        inception.weights_path()
+
+
+def test_inception_loads_weights_in_the_fid_layout(tmp_path, monkeypatch):
+    """The real network with random weights in the released file's layout (torchvision's Inception3 names, 1008
+    classes): uint8 images of any size -> [B, 2048]; a corrupt file is named."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    path = tmp_path / "weights.pth"
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).state_dict(), path)
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(path))
+    net = inception.Inception()
+    images = np.random.default_rng(6).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    features = inception.inception_features(images, extractor=net, **OPTIONS)
+    assert features.shape == (1, 2048) and np.isfinite(features).all() and not net.training
+    assert net.weights == "weights.pth" and "inception-v3-compat" in net.name
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsNotFoundError, match="weights.pth is not the FID Inception weights"):
+        inception.Inception()
