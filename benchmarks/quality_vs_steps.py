@@ -199,8 +199,9 @@ def plot(path: Path, title: str, rows: Sequence[Row], steps: Sequence[int], resu
 # ---------------------------------------------------------------- the trained model
 
 
-def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, GaussianMixture]:
-    """(EMA network, schedule, the mixture it was trained on) from a checkpoint of train.py with data=mixture."""
+def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, GaussianMixture, str]:
+    """(EMA network, schedule, the mixture it was trained on, a description for the title) from a checkpoint of
+    train.py with data=mixture."""
     from hydra.utils import instantiate
 
     from diffusion import checkpoints
@@ -221,7 +222,12 @@ def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, 
     shape = (model.in_channels, model.resolution, model.resolution)
     if tuple(data.shape) != shape:
         raise UsageError(f"{path}: the model takes images of shape {shape}, its data config gives {data.shape}")
-    return model, sched.to("cpu"), data
+    params = sum(p.numel() for p in model.parameters())
+    about = (
+        f"{Path(path).name}: {type(model).__name__} of {params / 1e6:.2f}M parameters, EMA weights after "
+        f"{checkpoint.get('global_step', '?')} training steps"
+    )
+    return model, sched.to("cpu"), data, about
 
 
 # ---------------------------------------------------------------- the script
@@ -279,9 +285,9 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
     opts = dict(seed=args.seed, batch=args.batch, device=args.device, clip=args.clip)
     jobs = []  # (file name, title, rows, model, data, schedule)
     if args.checkpoint:
-        model, sched, data = load_checkpoint(args.checkpoint, args.device)
+        model, sched, data, about = load_checkpoint(args.checkpoint, args.device)
         where = f"{sched.name} schedule, T={sched.T}, {data}, {args.samples} samples"
-        jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {args.checkpoint} ({where})",
+        jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {about} ({where})",
                      ROWS + DEEPCACHE_ROWS, model, data, sched))  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}_exact", f"Exact noise predictor ({where})",
                      ROWS, data.model(sched), data, sched))  # fmt: skip

@@ -67,7 +67,7 @@ def save_checkpoint(path, data: dict) -> None:
         "schedule": {"_target_": "diffusion.schedule.linear", "T": 1000},
         "data": data,
     }
-    torch.save({"state_dict": state, "config": config}, path)
+    torch.save({"state_dict": state, "config": config, "global_step": 7}, path)
 
 
 MIXTURE = {"_target_": "diffusion.synthetic.Mixture", "root": "", "num_images": 16, "num_val": 4, "num_modes": 3,
@@ -89,7 +89,10 @@ def test_checkpoint_mode_writes_the_trained_and_the_exact_tables(tmp_path):
         "1",
     ]
     main([*argv, "--out", str(tmp_path), "--no-plot"])
-    trained, _ = parse_table((tmp_path / "quality_checkpoint_linear.md").read_text(), [4])
+    trained_md = (tmp_path / "quality_checkpoint_linear.md").read_text()
+    params = sum(v.numel() for v in torch.load(tmp_path / "last.ckpt")["state_dict"].values())
+    assert f"last.ckpt: UNet of {params / 1e6:.2f}M parameters, EMA weights after 7 training steps" in trained_md
+    trained, _ = parse_table(trained_md, [4])
     exact, _ = parse_table((tmp_path / "quality_checkpoint_linear_exact.md").read_text(), [4])
     assert list(trained) == [(r.name, r.spacing) for r in ROWS + DEEPCACHE_ROWS]
     assert list(exact) == [(r.name, r.spacing) for r in ROWS]  # DeepCache needs a UNet
