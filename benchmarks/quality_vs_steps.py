@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from diffusion import samplers, schedule, timesteps  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
@@ -125,11 +126,11 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, st
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x_T = x_T.to(device)
-    cells = {
-        (i, s): run(row, model, data, sched, s, x_T, batch=batch or n, seed=seed, clip=clip)
-        for i, row in enumerate(rows)
-        for s in steps
-    }
+    cells = {}
+    jobs = [(i, s) for i in range(len(rows)) for s in steps]
+    for i, s in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
+        bar.set_postfix_str(f"{rows[i].name} ({rows[i].spacing}), {s} steps")
+        cells[i, s] = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, clip=clip)
     return {"cells": cells, "floor": noise_floor(data, n, seed), "seconds": time.perf_counter() - start}
 
 
