@@ -85,11 +85,19 @@ class Cell:
     mode_error: float
     nfe: float
     full: float | None = None  # DeepCache's full UNet calls per sample run
+    # Against the exact predictor's samples from the same x_T and noise (same sampler, no cache): RMS difference per
+    # pixel and the share of samples that land nearest another mode. Paired, so free of the floor's sampling noise.
+    paired: tuple[float, float] | None = None
+
+
+def base_key(row: Row) -> tuple:
+    """What identifies a row's sampler run apart from DeepCache: the key its exact counterpart is stored under."""
+    return row.sampler.__name__, row.spacing, tuple(sorted(row.options.items()))
 
 
 def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int,
-        seed: int, clip: bool) -> Cell:  # fmt: skip
-    """Sample from x_T [N, *shape] with `row`'s sampler (in batches) and measure the result against `data`."""
+        seed: int, clip: bool) -> tuple[Cell, Tensor]:  # fmt: skip
+    """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
     ts = timesteps.make(row.spacing, steps, sched).to(x_T.device)
     net = model
     if row.cache:
@@ -108,7 +116,7 @@ def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T
     chunks = x_T.split(batch)
     out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=clip, **row.options) for x in chunks])
     full = net.full_calls / len(chunks) if row.cache else None
-    return Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), full)
+    return Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), full), out
 
 
 def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -121,20 +129,44 @@ def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, 
 
 
 def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, steps: Sequence[int], n: int, *,
-          seed: int = 0, batch: int | None = None, device: str = "cpu", clip: bool = True) -> dict:  # fmt: skip
-    """Every row at every step count: {"cells": {(row index, steps): Cell}, "floor": ..., "seconds": ...}."""
+          seed: int = 0, batch: int | None = None, device: str = "cpu", clip: bool = True,
+          keep: bool = False, exact: dict | None = None) -> dict:  # fmt: skip
+    """Every row at every step count: {"cells": {(row index, steps): Cell}, "floor": ..., "seconds": ...}, with
+    "samples": {(base_key(row), steps): samples} if `keep`. `exact`: the "samples" of the exact predictor's table,
+    for the paired comparison."""
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x_T = x_T.to(device)
-    cells = {}
+    cells, samples = {}, {}
     jobs = [(i, s) for i in range(len(rows)) for s in steps]
     for i, s in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
         bar.set_postfix_str(f"{rows[i].name} ({rows[i].spacing}), {s} steps")
-        cells[i, s] = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, clip=clip)
-    return {"cells": cells, "floor": noise_floor(data, n, seed), "seconds": time.perf_counter() - start}
+        cells[i, s], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, clip=clip)
+        key = (base_key(rows[i]), s)
+        if keep and not rows[i].cache:
+            samples[key] = out
+        if exact is not None and key in exact:
+            cells[i, s].paired = paired(data, out, exact[key])
+    seconds = time.perf_counter() - start
+    return {"cells": cells, "floor": noise_floor(data, n, seed), "seconds": seconds} | (
+        {"samples": samples} if keep else {}
+    )
+
+
+def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float, float]:
+    """(RMS difference per pixel, share of samples nearest another mode) between samples and their exact twins."""
+    rms = (samples - exact).double().pow(2).mean().sqrt().item()
+    return rms, (data.nearest_mode(samples) != data.nearest_mode(exact)).double().mean().item()
 
 
 # ---------------------------------------------------------------- reporting
+
+
+PAIRED_LEGEND = (
+    "After the dot, against the exact noise predictor from the same x_T and noise (same sampler and steps, no",
+    "DeepCache): RMS difference per pixel, and the share of samples that land nearest another mode than their",
+    "exact twin. Paired, so these need no noise floor: they are the trained model's own error.",
+)
 
 
 def markdown(title: str, rows: Sequence[Row], steps: Sequence[int], result: dict) -> str:
@@ -143,6 +175,7 @@ def markdown(title: str, rows: Sequence[Row], steps: Sequence[int], result: dict
         f"### {title}",
         "",
         "Cells: Frechet distance in data space / mode-weight error (total variation), NFE in brackets.",
+        *(PAIRED_LEGEND if any(c.paired for c in result["cells"].values()) else ()),
         "",
         "| sampler | spacing | " + " | ".join(f"{s} steps" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
@@ -152,7 +185,8 @@ def markdown(title: str, rows: Sequence[Row], steps: Sequence[int], result: dict
         for s in steps:
             c = result["cells"][i, s]
             nfe = f"{c.nfe:g}" + (f", {c.full:g} full" if c.full is not None else "")
-            cells.append(f"{c.frechet:.3g} / {c.mode_error:.3f} ({nfe})")
+            vs_exact = f" · {c.paired[0]:.3f}, {100 * c.paired[1]:.1f}%" if c.paired else ""
+            cells.append(f"{c.frechet:.3g} / {c.mode_error:.3f} ({nfe}){vs_exact}")
         lines.append(f"| {row.name} | {row.spacing} | " + " | ".join(cells) + " |")
     (fd, fd_sd), (mwe, mwe_sd) = result["floor"]
     floor = f"{fd:.3g}±{fd_sd:.2g} / {mwe:.3f}±{mwe_sd:.3f}"
@@ -288,10 +322,10 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
     if args.checkpoint:
         model, sched, data, about = load_checkpoint(args.checkpoint, args.device)
         where = f"{sched.name} schedule, T={sched.T}, {data}, {args.samples} samples"
-        jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {about} ({where})",
-                     ROWS + DEEPCACHE_ROWS, model, data, sched))  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}_exact", f"Exact noise predictor ({where})",
                      ROWS, data.model(sched), data, sched))  # fmt: skip
+        jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {about} ({where})",
+                     ROWS + DEEPCACHE_ROWS, model, data, sched))  # fmt: skip
     else:
         data = image_mixture(seed=args.seed)
         for name in ("linear", "cosine") if args.schedule in (None, "both") else (args.schedule,):
@@ -301,7 +335,9 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
     for file, title, rows, model, data, sched in jobs:
         if max(args.steps) > sched.T:
             raise UsageError(f"--steps {max(args.steps)} exceeds the schedule's T={sched.T}")
-        result = table(rows, model, data, sched, args.steps, args.samples, **opts)
+        # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
+        keep, exact = bool(args.checkpoint) and not results, results.get(jobs[0][0], {}).get("samples")
+        result = table(rows, model, data, sched, args.steps, args.samples, keep=keep, exact=exact, **opts)
         text = markdown(title, rows, args.steps, result)
         print(text + f"\n({result['seconds']:.0f} s)\n", flush=True)
         out.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,12 @@ class GaussianMixture:
         mean, cov = self.moments()
         return frechet_distance(flat.mean(0), torch.cov(flat.T).reshape(len(mean), -1), mean, cov)
 
+    def nearest_mode(self, samples: Tensor) -> Tensor:
+        """The index of the mean nearest to each of `samples` [N, *shape]: [N]."""
+        flat = samples.reshape(len(samples), -1).double().cpu()
+        return torch.cdist(flat, self.means.reshape(len(self.means), -1)).argmin(1)
+
     def mode_weight_error(self, samples: Tensor) -> float:
         """Total variation between the true weights and the fraction of `samples` nearest to each mean."""
-        flat = samples.reshape(len(samples), -1).double().cpu()
-        nearest = torch.cdist(flat, self.means.reshape(len(self.means), -1)).argmin(1)
-        found = torch.bincount(nearest, minlength=len(self.means)) / len(samples)
+        found = torch.bincount(self.nearest_mode(samples), minlength=len(self.means)) / len(samples)
         return 0.5 * float((found - self.weights).abs().sum())

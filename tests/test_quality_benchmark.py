@@ -8,18 +8,20 @@ import re
 import pytest
 import torch
 
-from benchmarks.quality_vs_steps import DEEPCACHE_ROWS, ROWS, main
+from benchmarks.quality_vs_steps import DEEPCACHE_ROWS, ROWS, image_mixture, main, table
 from diffusion.checkpoints import CheckpointError
 from diffusion.deepcache import uniform_steps
 from diffusion.errors import UsageError
+from diffusion.schedule import linear
 from diffusion.unet import UNet
 
-CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \((\d+)(?:, (\d+) full)?\)$")
+CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \((\d+)(?:, (\d+) full)?\)(?: · ([\d.]+), ([\d.]+)%)?$")
 DOCUMENTED_NFE = {"pndm": lambda s: s + 9, "s_pndm": lambda s: s + 1, "plms": lambda s: s + 1}  # others: s
 
 
 def parse_table(text: str, steps: list[int]) -> tuple[dict[tuple[str, str], list[tuple]], list[str]]:
-    """{(sampler, spacing): [(frechet, mode error, nfe, full or None) per step count]}, and the floor's cells."""
+    """{(sampler, spacing): [(frechet, mode error, nfe, full, RMS vs exact, % flipped; None where absent) per step
+    count]}, and the floor's cells."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert lines[0] == "| sampler | spacing | " + " | ".join(f"{s} steps" for s in steps) + " |"
     rows = {}
@@ -28,7 +30,10 @@ def parse_table(text: str, steps: list[int]) -> tuple[dict[tuple[str, str], list
         assert len(cells) == len(steps), line
         parsed = [CELL.match(c) for c in cells]
         assert all(parsed), line
-        rows[name, spacing] = [(float(m[1]), float(m[2]), int(m[3]), m[4] and int(m[4])) for m in parsed]
+        rows[name, spacing] = [
+            (float(m[1]), float(m[2]), int(m[3]), m[4] and int(m[4]), m[5] and float(m[5]), m[6] and float(m[6]))
+            for m in parsed
+        ]
     floor = [c.strip() for c in lines[-1].strip("|").split("|")]
     assert floor[0] == "noise floor: exact samples" and len(floor) == 2 + len(steps)
     return rows, floor[2:]
@@ -97,8 +102,21 @@ def test_checkpoint_mode_writes_the_trained_and_the_exact_tables(tmp_path):
     assert list(trained) == [(r.name, r.spacing) for r in ROWS + DEEPCACHE_ROWS]
     assert list(exact) == [(r.name, r.spacing) for r in ROWS]  # DeepCache needs a UNet
     for row in DEEPCACHE_ROWS:  # NFE per batch of 5 (three batches: 5, 5, 2), full UNet calls as DeepCache plans
-        (_, _, nfe, full) = trained[row.name, row.spacing][0]
+        (_, _, nfe, full, _, _) = trained[row.name, row.spacing][0]
         assert (nfe, full) == (4, len(uniform_steps(4, row.cache)))
+    # The paired comparison: every trained row against its exact twin (an untrained UNet is far from it).
+    assert all(cells[0][4] > 0.05 and 0 <= cells[0][5] <= 100 for cells in trained.values())
+    assert all(cells[0][4] is None for cells in exact.values())
+
+
+def test_paired_comparison_of_the_exact_predictor_with_itself_is_zero():
+    data, sched = image_mixture(image_size=4, num_modes=3), linear(T=1000)
+    rows = ROWS[:3] + ROWS[-1:]  # stochastic (fresh noise, seeded alike) and deterministic samplers
+    exact = table(rows, data.model(sched), data, sched, [3], 16, keep=True)
+    again = table(rows, data.model(sched), data, sched, [3], 16, exact=exact["samples"])
+    assert "samples" not in again and all(cell.paired == (0.0, 0.0) for cell in again["cells"].values())
+    other = table(rows, data.model(sched), data, sched, [3], 16, seed=1, exact=exact["samples"])
+    assert all(cell.paired[0] > 0.1 for cell in other["cells"].values())  # another x_T: far from the twins
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
