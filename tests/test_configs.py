@@ -165,3 +165,11 @@ def test_unknown_schedule_option_lists_the_choices(tmp_path):
     with pytest.raises(ConfigCompositionException) as info:
         compose_config("train", ["schedule=cosinee"], tmp_path)
     assert "cosine" in str(info.value) and "linear" in str(info.value)
+
+
+def test_mixture_preset_is_the_quickstart_on_the_mixture(tmp_path):
+    """experiment=mixture trains what benchmarks/results/quality_checkpoint_linear.md measured."""
+    mixture = compose_config("train", ["experiment=mixture"], tmp_path)
+    quick = compose_config("train", ["experiment=quickstart", "data=mixture"], tmp_path)
+    assert mixture.data._target_ == "diffusion.synthetic.Mixture" and mixture.trainer.max_steps == 8000
+    assert mixture.model == quick.model and mixture.module == quick.module and mixture.schedule == quick.schedule
