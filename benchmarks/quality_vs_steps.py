@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -224,7 +225,7 @@ def plot(path: Path, title: str, rows: Sequence[Row], steps: Sequence[int], resu
         ax.set(xscale="log", yscale="log", xlabel="NFE (model evaluations)", ylabel=name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
