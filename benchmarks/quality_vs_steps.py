@@ -335,12 +335,14 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
             sched = getattr(schedule, name)(T=1000)
             title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples"
             jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched))
+    # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
+    exact = None
     for file, title, rows, model, data, sched in jobs:
         if max(args.steps) > sched.T:
             raise UsageError(f"--steps {max(args.steps)} exceeds the schedule's T={sched.T}")
-        # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
-        keep, exact = bool(args.checkpoint) and not results, results.get(jobs[0][0], {}).get("samples")
+        keep = bool(args.checkpoint) and exact is None
         result = table(rows, model, data, sched, args.steps, args.samples, keep=keep, exact=exact, **opts)
+        exact = result.pop("samples", exact)  # large: not returned
         text = markdown(title, rows, args.steps, result)
         print(text + f"\n({result['seconds']:.0f} s)\n", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -348,8 +350,6 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
         if args.plot:
             plot(out / f"{file}.png", title, rows, args.steps, result)
         results[file] = result
-    for result in results.values():
-        result.pop("samples", None)  # the exact samples served the paired columns; they are large
     return results
 
 
