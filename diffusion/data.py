@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import urllib.error
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -22,18 +23,41 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import UsageError
 
-__all__ = ["DataNotFoundError", "StreamSampler", "ImageData", "CIFAR10", "CelebA", "ImageFolder", "seed_of"]
+__all__ = ["DataNotFoundError", "UnreadableImageError", "StreamSampler", "ImageData", "CIFAR10", "CelebA",
+           "ImageFolder", "seed_of", "shard"]  # fmt: skip
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-class DataNotFoundError(UsageError):
+class _OneLine(UsageError):
+    """Keeps its own one-line message when a DataLoader worker raised it: torch re-raises a worker's error as
+    `type(error)("Caught ... Original Traceback ...")`, whose last line is ours, after the class name."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__} ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class DataNotFoundError(_OneLine):
     """A dataset's files are not where the config says they are."""
+
+
+class UnreadableImageError(_OneLine):
+    """An image file that cannot be decoded: truncated, corrupt, or not an image at all."""
 
 
 def seed_of(*keys: int) -> int:
     """A well-mixed 63-bit seed from integers, so (seed, epoch) and (seed, index) streams never collide."""
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s validation items out of n: every rank gets ceil(n / world_size) of them (positions rank,
+    rank + W, ... wrapping around to repeat the first few), so all ranks run the same number of batches and reach
+    each sync_dist all-reduce together; a rank with fewer would leave the others waiting (or Lightning refuses)."""
+    return [(rank + k * world_size) % n for k in range(-(-n // world_size))]
 
 
 def _to_tensor(image: Image.Image) -> Tensor:
@@ -125,8 +149,8 @@ class ImageData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         rank, world, _ = self._placement()
-        # Each rank scores a disjoint shard; the logged loss is averaged across ranks.
-        return self._loader(Subset(self.val_set, range(rank, len(self.val_set), world)))
+        # Equal shards (up to world - 1 images scored twice); the logged loss is averaged across ranks.
+        return self._loader(Subset(self.val_set, shard(len(self.val_set), rank, world)))
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(
@@ -204,7 +228,9 @@ class _Images(Dataset):
 class CelebA(ImageData):
     """CelebA aligned faces at 64x64 with the DDIM paper's preprocessing: the 128x128 box at top 57, left 25,
     resized. Reads `<root>/celeba/img_align_celeba/` and `<root>/celeba/list_eval_partition.txt`, the layout
-    torchvision uses, without its other annotation files (partition 0 trains, 1 validates)."""
+    torchvision uses, without its other annotation files (partition 0 trains, 1 validates).
+
+    A truncated or corrupt image stops training with an UnreadableImageError naming it, as in ImageFolder."""
 
     PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 
@@ -237,11 +263,25 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        try:
-            with Image.open(self.paths[i]) as image:
-                return self.transform(image)
-        except FileNotFoundError:
-            raise DataNotFoundError(f"{self.paths[i]} is listed but missing: is the dataset complete?") from None
+        with _decoded(self.paths[i]) as image:
+            return self.transform(image)
+
+
+@contextmanager
+def _decoded(path: Path) -> Iterator[Image.Image]:
+    """The image at `path`, decoded; a missing or undecodable file stops training with its path and the fix."""
+    try:
+        image = Image.open(path)
+        image.load()  # decode here, so a transform's own errors are not blamed on the file
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path} is listed but missing: is the dataset complete?") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for truncated or foreign bytes
+        raise UnreadableImageError(
+            f"{path} cannot be read as an image ({type(error).__name__}: {error}). Replace it with an intact copy "
+            "(re-extract or re-download the dataset), or, in a folder of your own (data=folder), delete it."
+        ) from None
+    with image:
+        yield image
 
 
 # ---------------------------------------------------------------- a folder of images
@@ -249,7 +289,10 @@ class _Files(Dataset):
 
 class ImageFolder(ImageData):
     """Every image below `root` (png, jpg, webp, bmp), resized and centre-cropped to image_size; a fixed,
-    seeded `val_fraction` of the files is held out for the validation loss."""
+    seeded `val_fraction` of the files is held out for the validation loss.
+
+    A file that cannot be decoded stops training with an UnreadableImageError naming it, not skipped: skipping
+    would silently shrink the dataset and shift the resumable stream, and a bad file means an incomplete copy."""
 
     def __init__(self, root: str, val_fraction: float = 0.01, **kwargs) -> None:
         super().__init__(root, **kwargs)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
 import urllib.error
 from itertools import islice
 from pathlib import Path
@@ -17,9 +21,9 @@ import torchvision.datasets
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffusion.data import CIFAR10, DataNotFoundError, StreamSampler
+from diffusion.data import CIFAR10, DataNotFoundError, StreamSampler, UnreadableImageError, shard
 
-from .conftest import compose_config
+from .conftest import ROOT, TINY_RUN, compose_config
 
 
 def datamodule(name: str, tmp_path: Path, *overrides: str):
@@ -271,6 +275,120 @@ def test_image_folder_with_fewer_than_two_images_says_so(tmp_path, count):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"{i}.png")
     with pytest.raises(DataNotFoundError, match=f"found {count} images in {folder}.*at least two"):
         datamodule("folder", tmp_path, f"data.root={folder}").setup()
+
+
+# ---------------------------------------------------------------- corrupt files
+
+
+def spoil(path: Path, how: str) -> None:
+    """Turn an image file into a broken one: cut to half its bytes, or replaced by text."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("<html>404 Not Found</html>")  # what a failed scripted download often saves
+
+
+def read_everything(dm, num_workers: int) -> None:
+    """Load every training and validation image through the DataLoaders, in worker processes if num_workers > 0."""
+    dm.num_workers = num_workers
+    dm.setup()
+    dm.batch_size = len(dm.train_set)  # the first batch holds the whole first epoch
+    next(iter(dm.train_dataloader()))
+    list(dm.val_dataloader())
+
+
+def assert_names(error: pytest.ExceptionInfo, path: Path) -> None:
+    """The user reads one line that starts with the file and says what to do: no worker traceback, no PIL frames."""
+    message = str(error.value)
+    assert message.startswith(f"{path} cannot be read as an image"), message
+    assert "Replace it with an intact copy" in message and "delete it" in message
+    assert "\n" not in message and "Traceback" not in message and "Caught" not in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("name, how", [("b.jpg", "truncated"), ("b.png", "truncated"), ("b.jpg", "text")])
+def test_a_broken_file_in_an_image_folder_is_named_even_from_a_worker(tmp_path, name, how, num_workers):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for stem in "acd":
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), np.uint8)).save(folder / f"{stem}.png")
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), np.uint8)).save(folder / name)
+    dm = datamodule("folder", tmp_path, f"data.root={folder}", "data.image_size=16")
+    read_everything(dm, num_workers)  # intact, it loads
+    spoil(folder / name, how)
+    dm = datamodule("folder", tmp_path, f"data.root={folder}", "data.image_size=16")
+    with pytest.raises(UnreadableImageError) as error:
+        read_everything(dm, num_workers)
+    assert_names(error, folder / name)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("how", ["truncated", "text"])
+def test_a_broken_celeba_image_is_named_even_from_a_worker(tmp_path, how, num_workers):
+    fake_celeba(tmp_path, [0, 0, 1, 1])
+    broken = tmp_path / "celeba" / "img_align_celeba" / "000004.jpg"  # a validation image
+    spoil(broken, how)
+    with pytest.raises(UnreadableImageError) as error:
+        read_everything(datamodule("celeba", tmp_path), num_workers)
+    assert_names(error, broken)
+
+
+def test_a_transforms_own_error_is_not_blamed_on_the_file(tmp_path):
+    """Only decoding failures become UnreadableImageError; a bug after decoding keeps its type and traceback."""
+    fake_celeba(tmp_path, [0, 1])
+    dm = datamodule("celeba", tmp_path)
+    dm.setup()
+
+    def buggy(image):
+        raise ValueError("a bug in the transform")
+
+    dm.val_set.transform = buggy
+    with pytest.raises(ValueError, match="a bug in the transform"):
+        dm.val_set[0]
+
+
+# ---------------------------------------------------------------- validation shards under DDP
+
+
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_every_rank_gets_as_many_validation_items_as_the_others_and_all_are_scored(world_size):
+    """For every split size 0..20: equal shares (so equal batch counts, whatever the batch size), every item in
+    some shard, and the fewest repeats that equal shares allow (the total is the first multiple of W >= n)."""
+    for n in range(21):
+        shards = [shard(n, rank, world_size) for rank in range(world_size)]
+        assert len({len(s) for s in shards}) == 1, (n, shards)
+        flat = [i for s in shards for i in s]
+        assert set(flat) == set(range(n)), (n, shards)
+        assert len(flat) % world_size == 0 and n <= len(flat) < n + world_size, (n, shards)
+
+
+def test_one_validation_image_gives_every_rank_one_batch(tmp_path):
+    lengths = []
+    for rank in (0, 1):
+        dm = datamodule("synthetic", tmp_path, "data.num_images=8", "data.num_val=1")
+        dm.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, world_size=2, global_rank=rank)
+        lengths.append(len(dm.val_dataloader()))
+    assert lengths == [1, 1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_one_validation_image_finish(tmp_path):
+    """DDP on 2 CPU processes with data.num_val=1: rank 1 used to get no validation batch. A hang fails the test."""
+    tiny = [o for o in TINY_RUN if not o.startswith("~")] + ["~callbacks.progress"]
+    args = [*tiny, "trainer=cpu_ddp", "trainer.max_steps=3", "data.num_val=1", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=420)  # about 1-3 min on 2 busy cores
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the run and the rank it started
+        process.communicate()
+        pytest.fail("a 2-process run with one validation image hung")
+    assert process.returncode == 0, stderr[-3000:]
+    metrics = next(tmp_path.glob("csv/version_*/metrics.csv")).read_text()
+    assert "val/loss" in metrics
 
 
 # ---------------------------------------------------------------- synthetic shapes
