@@ -240,20 +240,15 @@ def plot(path: Path, title: str, rows: Sequence[Row], steps: Sequence[int], resu
 def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, GaussianMixture, str]:
     """(EMA network, schedule, the mixture it was trained on, a description for the title) from a checkpoint of
     train.py with data=mixture."""
-    from hydra.utils import instantiate
-
-    from diffusion import checkpoints
+    from diffusion import checkpoints, registry
 
     checkpoint = checkpoints.load(path)
     model, sched = checkpoints.load_model(checkpoint, device=device)
     data_cfg = checkpoint["config"].get("data")
-    target = str(data_cfg.get("_target_", "")) if isinstance(data_cfg, dict) else ""
-    if not target.startswith("diffusion."):
-        raise UsageError(f"{path}: its config has no diffusion.* data section, so the data distribution is unknown")
-    try:
-        datamodule = instantiate(data_cfg)
-    except Exception as error:  # e.g. a data config written by another version of the project
-        raise UsageError(f"{path}: cannot build its data module {target} ({error})") from error
+    if not isinstance(data_cfg, dict):
+        raise UsageError(f"{path}: its config has no data section, so the data distribution is unknown")
+    datamodule = registry.build("data", data_cfg, where=f"{path}: checkpoint config data")
+    target = data_cfg["_target_"]
     if not hasattr(datamodule, "distribution"):
         raise UsageError(f"{path} was trained on {target}, not a Gaussian mixture: train with data=mixture")
     data = datamodule.distribution()

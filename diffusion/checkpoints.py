@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import UsageError
+from . import registry
 
 __all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "newest"]
 
@@ -98,23 +99,19 @@ def newest(root: str | os.PathLike, name: str = "last.ckpt") -> Path | None:
 
 # ---------------------------------------------------------------- models from checkpoints
 
-TRUSTED_TARGETS = ("diffusion.",)  # a checkpoint's config may only build objects from this package
-
 
 def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str | torch.device = "cpu"):
     """The network (EMA or raw weights, in eval mode) and the schedule described by a checkpoint's config.
 
-    Returns (model, schedule). The config's `_target_`s are checked against this package before anything is
-    built, so a crafted checkpoint cannot name an arbitrary callable.
+    Returns (model, schedule). Both are built through diffusion.registry: the config may only name this project's
+    own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else.
     """
-    from hydra.utils import instantiate  # the configs are Hydra's; only this function builds from one
-
     config = checkpoint["config"]
     for key in ("model", "schedule"):
-        if not isinstance(config.get(key), dict):
+        if not isinstance(config, dict) or not isinstance(config.get(key), dict):
             raise CheckpointError(f"the checkpoint's config has no '{key}' section: it was not written by train.py")
-        _check_targets(config[key], key)
-    model, schedule = instantiate(config["model"]), instantiate(config["schedule"])
+    model = registry.build("model", config["model"], where="checkpoint config model")
+    schedule = registry.build("schedule", config["schedule"], where="checkpoint config schedule")
     prefix = "ema." if use_ema else "model."
     state = {
         k[len(prefix) :].replace("_orig_mod.", ""): v
@@ -126,15 +123,3 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
     except RuntimeError as error:
         raise CheckpointError(f"the checkpoint's {prefix[:-1]} weights do not fit its model config: {error}") from None
     return model.to(device).eval().requires_grad_(False), schedule.to(device)
-
-
-def _check_targets(node: Any, where: str) -> None:
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(TRUSTED_TARGETS):
-            raise CheckpointError(f"refusing to build {where}._target_={target!r}: only diffusion.* objects load")
-        for key, value in node.items():
-            _check_targets(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_targets(value, f"{where}[{i}]")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import sys
@@ -198,15 +197,10 @@ def data_config(name: str, **overrides) -> dict:
 
 
 def _datamodule(cfg: Mapping):
-    cfg = dict(cfg)
-    target = cfg.pop("_target_", None)
-    if not target:
-        raise UsageError(f"a data config needs _target_ (e.g. diffusion.data.CIFAR10), got keys {sorted(cfg)}")
-    module, _, name = str(target).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)(**cfg)
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
-        raise UsageError(f"cannot build the data module {target} from its config: {error}") from None
+    """A DataModule from a data config (a checkpoint's, or conf/data's) through the registry: never an import path."""
+    from . import registry  # here: registry imports the data modules, and synthetic.py's mixture imports this module
+
+    return registry.build("data", cfg, where="data")
 
 
 # ---------------------------------------------------------------- FID of a samples file

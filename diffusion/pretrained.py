@@ -324,7 +324,7 @@ def export(model: UNet, schedule: Schedule, folder: str | Path) -> Path:
 
 def export_checkpoint(ckpt_path: str | Path, folder: str | Path, use_ema: bool = True) -> Path:
     """Export one of our training checkpoints (its EMA weights, or the raw ones) as a diffusers folder."""
-    from . import checkpoints  # Lightning and Hydra: only needed here
+    from . import checkpoints  # Lightning: only needed here; it builds through diffusion.registry
 
     if not Path(ckpt_path).is_file():
         raise UsageError(f"no checkpoint at {ckpt_path}: give a .ckpt written by train.py (outputs/.../last.ckpt)")
