@@ -2,11 +2,13 @@
 torch-fidelity and torchmetrics use them), through torch-fidelity's port, and where its weights file lives.
 
 Offline, the weights are looked up in $DIFFUSION_FID_WEIGHTS, then torch hub's checkpoints folder; a missing file
-stops with a message that says which file to put where.
+stops with a message that says which file to put where. torch-fidelity unpickles that file (weights_only=False), so
+its SHA-256 is checked first, wherever it came from: a file planted in a shared cache never gets to run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -22,20 +24,52 @@ from tqdm import tqdm
 
 from .errors import UsageError
 
-__all__ = ["WeightsNotFoundError", "Inception", "Extractor", "weights_path", "inception_features", "describe",
-           "parse_device"]  # fmt: skip
+__all__ = ["WeightsNotFoundError", "WeightsHashError", "Inception", "Extractor", "weights_path", "check_weights",
+           "inception_features", "describe", "parse_device"]  # fmt: skip
 
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 # torch-fidelity's file name, then pytorch-fid's for the same weights.
 WEIGHTS_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+# The released file's full SHA-256 (95,628,359 bytes). torch-fidelity and pytorch-fid publish only its first 8 hex
+# digits, in the file name (torch hub's convention); this full digest is the one several independent projects record
+# for that file, and it starts with those digits. pytorch-fid's copy carries the same 8 digits, so it is taken to be
+# the same file (were it not, it would be refused like any other).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_ENV = "DIFFUSION_FID_WEIGHTS"
 Extractor = Callable[[Tensor], Tensor]  # uint8 [B, 3, H, W] -> features [B, D]
 
 
 class WeightsNotFoundError(UsageError):
     """The FID Inception weights are neither on disk nor downloadable."""
+
+
+class WeightsHashError(WeightsNotFoundError):
+    """A file in the weights' place that is not them (truncated, or planted): it is never unpickled."""
+
+
+def check_weights(path: str | os.PathLike, download: str | None = None) -> Path:
+    """`path` if its SHA-256 is WEIGHTS_SHA256, else WeightsHashError naming both digests and what to do (`download`:
+    the URL the file just came from, for the message)."""
+    path, digest = Path(path), hashlib.sha256()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path} is not a file: download {WEIGHTS_URL} to that path")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != WEIGHTS_SHA256:
+        what, fix = (
+            (f"the download of {download}", "try again, or download it elsewhere")
+            if download
+            else (str(path), f"delete it and download {WEIGHTS_URL} again")
+        )
+        raise WeightsHashError(
+            f"{what} has SHA-256 {digest.hexdigest()}, but the FID Inception weights have {WEIGHTS_SHA256}: it is "
+            f"not that file (a truncated download, or one planted in a shared folder), so it is not loaded. {fix}, "
+            f"or set {WEIGHTS_ENV} to a good copy"
+        )
+    return path
 
 
 def weights_path(download: bool = True, timeout: float = 20.0) -> Path:
@@ -71,6 +105,7 @@ def _download(url: str, path: Path, timeout: float) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
+        check_weights(tmp, download=url)  # before the file takes the trusted name
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -88,7 +123,7 @@ class Inception(torch.nn.Module):
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
             raise UsageError("FID needs torch-fidelity: pip install torch-fidelity") from None
-        path = Path(weights) if weights else weights_path()
+        path = check_weights(weights if weights else weights_path())  # torch-fidelity unpickles it: hash first
         try:
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
