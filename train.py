@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import checkpoints, loggers
-from diffusion.errors import UsageError
+from diffusion.errors import reported
 from diffusion.launch import job_environment, resolve_precision
+from diffusion.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
 from diffusion.training import DiffusionModule
 
 
@@ -48,12 +47,8 @@ def train(cfg: DictConfig) -> DiffusionModule:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        with job_environment():
-            train(cfg)
-    except (UsageError, InstantiationException) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    with reported(), job_environment():
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, reported
 from .images import to_uint8
 from .inception import Extractor, Inception, WeightsNotFoundError, describe, inception_features, parse_device
 
@@ -279,16 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     fid.add_argument("--device", default="auto")
     fid.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
-    try:
+    with reported(ValueError):  # the statistics, devices and batch sizes it is given are checked with ValueError
         reference = args.reference
         if not reference.endswith(".npz") and not Path(reference).is_file():
             reference = data_config(reference, root=args.data_root, image_size=args.image_size)
         result = fid_from_npz(
             args.samples, reference, cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device
         )
-    except (UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     print(json.dumps(result.as_dict()) if args.json else result)
     return 0
 

@@ -22,14 +22,13 @@ import argparse
 import json
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import UsageError
+from .errors import UsageError, reported
 from .schedule import Schedule, cosine, linear, quadratic, sigmoid
 from .unet import NORM_EPS, Attention, UNet
 
@@ -340,13 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("folder", help="the folder to write (created if needed)")
     cmd.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     args = parser.parse_args(argv)
-    from hydra.errors import InstantiationException  # a checkpoint whose model config does not build
-
-    try:
+    with reported(ValueError, OSError):  # also a folder it cannot write
         folder = export_checkpoint(args.ckpt, args.folder, use_ema=not args.raw)
-    except (UsageError, ValueError, OSError, InstantiationException) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
     print(f"wrote {'raw' if args.raw else 'EMA'} weights of {args.ckpt} to {folder} (diffusers UNet2DModel format)")
 
 
