@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import checkpoints, loggers, timesteps
+from diffusion import errors, runs, timesteps
 from diffusion.errors import UsageError
 from diffusion.generation import PRECISIONS, Autocast, distributed, generate
 from diffusion.images import grid, save_npz, save_png
+from diffusion.options import check_options
 
 SEARCH_ROOTS = ("outputs", "multirun")
 
@@ -29,35 +27,45 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
     """Draw cfg.n_samples images; write samples.npz (uint8 NHWC), grid.png, optionally PNGs, FID and a W&B run.
     Returns the images on the main process (None on the others)."""
     with distributed() as dist:
+        check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
         source, model, schedule, trained = _load(cfg, device)
-        if cfg.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision={cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if not 1 <= cfg.steps <= schedule.T:
+        if not cfg.steps <= schedule.T:
             raise UsageError(f"steps={cfg.steps} is out of range: choose 1 <= steps <= T={schedule.T} (the model's T)")
+        if cfg.fid and not (cfg.fid_ref or trained.get("data")):
+            raise UsageError("fid=true needs fid_ref=PATH.npz (mu, sigma) or a checkpoint that knows its dataset")
         ts = timesteps.make(cfg.spacing, cfg.steps, schedule)
-        shape = (model.in_channels, model.resolution, model.resolution)
-        net = instantiate(cfg.cache)(model, timesteps=ts) if cfg.cache else model
+        sampler, shape = instantiate(cfg.sampler), (model.in_channels, model.resolution, model.resolution)
+        try:  # the options' own checks: the sampler's on one zero pixel, DeepCache's against this UNet
+            sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
+            net = instantiate(cfg.cache)(model, timesteps=ts) if cfg.cache else model
+        except ValueError as error:
+            raise UsageError(f"{'cache' if cfg.cache else 'sampler'} options: {error}") from error
         if PRECISIONS[cfg.precision] is not None:
             net = Autocast(net, PRECISIONS[cfg.precision])
-        out = Path(dist.broadcast(str(cfg.out_dir)))
+        out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
         if dist.is_main:
             print(f"sampling {cfg.n_samples} images from {source} with {_describe(cfg)} on {device} -> {out}")
 
-        start, calls, batches, shards = time.perf_counter(), 0, 0, []
-        for images, n_calls in generate(
-            net, instantiate(cfg.sampler), schedule, ts, shape, dist.shard(cfg.n_samples), seed=cfg.seed,
+        start, calls, batches, nonfinite, shards = time.perf_counter(), 0, 0, 0, []
+        for images, n_calls, n_bad in generate(
+            net, sampler, schedule, ts, shape, dist.shard(cfg.n_samples), seed=cfg.seed,
             batch_size=cfg.batch_size, device=device, prepare=getattr(net, "reset", None), progress=dist.is_main,
         ):  # fmt: skip
             shards.append(images)
-            calls, batches = calls + n_calls, batches + 1
+            calls, batches, nonfinite = calls + n_calls, batches + 1, nonfinite + n_bad
+        if nonfinite := dist.total(nonfinite):  # every rank stops here, before the gather writes anything
+            raise UsageError(_nonfinite_message(cfg, nonfinite))
         images = dist.gather(np.concatenate(shards), cfg.n_samples, out)
         seconds = time.perf_counter() - start
         if not dist.is_main:
             return None
 
     stats = {"nfe": calls / max(batches, 1), "seconds": seconds, "images_per_s": cfg.n_samples / seconds}
-    save_npz(images, out / "samples.npz")
+    try:
+        save_npz(images, out / "samples.npz", replace=False)
+    except FileExistsError:
+        raise UsageError(f"another run wrote {out / 'samples.npz'} meanwhile: pass a new out_dir=PATH") from None
     if cfg.grid:
         save_png(grid(images[:256]), out / "grid.png")
     if cfg.png:
@@ -73,8 +81,8 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
 
 def _load(cfg: DictConfig, device: torch.device):
     """(source, model, schedule, training config) from ckpt=, pretrained= or the newest checkpoint."""
-    if cfg.ckpt and cfg.pretrained:
-        raise UsageError("pass either ckpt=PATH or pretrained=DIR, not both")
+    from diffusion import checkpoints  # Lightning: imported once the options are known to be good
+
     if cfg.pretrained:
         from diffusion import pretrained
 
@@ -84,6 +92,13 @@ def _load(cfg: DictConfig, device: torch.device):
     checkpoint = checkpoints.load(path)
     model, schedule = checkpoints.load_model(checkpoint, use_ema=cfg.use_ema, device=device)
     return f"{path} ({'EMA' if cfg.use_ema else 'raw'} weights)", model, schedule, checkpoint["config"]
+
+
+def _nonfinite_message(cfg: DictConfig, n: int) -> str:
+    fixes = [] if cfg.pretrained else [f"use_ema={str(not cfg.use_ema).lower()}", "an earlier step_XXXXXXX.ckpt"]
+    fixes += ["precision=fp32"] if cfg.precision != "fp32" else []
+    return (f"{n} of {cfg.n_samples} images are NaN or infinite, so nothing was written: the weights have probably "
+            f"diverged. Try {' or '.join(fixes) or 'other weights'}")  # fmt: skip
 
 
 def _describe(cfg: DictConfig) -> str:
@@ -96,8 +111,6 @@ def _fid(cfg: DictConfig, samples: Path, trained: dict) -> dict:
     from diffusion import metrics
 
     reference = cfg.fid_ref or trained.get("data")
-    if not reference:
-        raise UsageError("fid=true needs fid_ref=PATH.npz (mu, sigma) or a checkpoint that knows its dataset")
     result = metrics.fid_from_npz(samples, reference, cache_dir=cfg.fid_stats_dir)
     print(result)
     (samples.parent / "fid.json").write_text(json.dumps(result.as_dict(), indent=2))
@@ -106,6 +119,10 @@ def _fid(cfg: DictConfig, samples: Path, trained: dict) -> dict:
 
 def _log(cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict) -> None:
     """Record the run with the configured logger: W&B gets a run of job type `sample` in the training project."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from diffusion import loggers
+
     os.environ.setdefault("WANDB_JOB_TYPE", "sample")
     if trained.get("logger", {}).get("project") and cfg.logger.get("project") == "diffusion":
         cfg.logger.project = trained["logger"]["project"]  # beside the training run it came from
@@ -121,6 +138,8 @@ def _log(cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained:
 
 
 def _newest_checkpoint() -> Path:
+    from diffusion import checkpoints
+
     found = [p for p in (checkpoints.newest(r) for r in SEARCH_ROOTS if Path(r).is_dir()) if p is not None]
     if not found:
         raise UsageError(
@@ -134,11 +153,8 @@ def _newest_checkpoint() -> Path:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with errors.reported():
         sample(cfg)
-    except (UsageError, InstantiationException, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

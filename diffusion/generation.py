@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .errors import UsageError
 from .images import to_uint8
 
 __all__ = ["image_seed", "image_noise", "RowGenerators", "CountCalls", "Autocast", "generate", "distributed"]
 
+T = TypeVar("T")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,10 +94,13 @@ def generate(
     device: torch.device | str = "cpu",
     prepare: Callable[[], None] | None = None,
     progress: bool = True,
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (uint8 [b, H, W, C] images, model calls) for `indices` in batches, image i seeded by (seed, i).
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Yield (uint8 [b, H, W, C] images, model calls, non-finite images) for `indices` in batches, image i seeded
+    by (seed, i).
 
-    `prepare` runs before every batch (e.g. to empty DeepCache's cache, so no batch reuses another's features).
+    A diverged model draws NaN, which uint8 would turn into black images: the count of images with any NaN or
+    infinite value, taken before the conversion, lets the caller refuse them. `prepare` runs before every batch
+    (e.g. to empty DeepCache's cache, so no batch reuses another's features).
     """
     batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
     outer = tqdm(batches, desc="batches", unit="batch", disable=not progress or len(batches) < 2)
@@ -108,7 +115,8 @@ def generate(
         x0 = sampler(counted, noise, schedule, timesteps, generator=RowGenerators(seed, batch))
         if inner.total is None:
             inner.total = counted.calls - before
-        yield to_uint8(x0), counted.calls - before
+        nonfinite = int((~torch.isfinite(x0)).flatten(1).any(1).sum())
+        yield to_uint8(x0), counted.calls - before, nonfinite
     inner.close()
 
 
@@ -119,7 +127,8 @@ class Distributed:
     """Rank and world size under `torchrun` (WORLD_SIZE, RANK, LOCAL_RANK), or a single process.
 
     Rank r takes images r, r + W, r + 2W, ...; `gather` puts the shards back in index order on rank 0 through
-    files in the output folder (no image count is too large for the interconnect).
+    files in the output folder (no image count is too large for the interconnect), named with rank 0's `token`
+    so that another run writing into the same folder cannot take them for its own.
     """
 
     def __init__(self) -> None:
@@ -131,6 +140,7 @@ class Distributed:
             if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
             torch.distributed.init_process_group(backend)
+        self.token = self.broadcast(secrets.token_hex(4))
 
     @property
     def is_main(self) -> bool:
@@ -155,22 +165,50 @@ class Distributed:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on rank 0 alone, its result on every rank. Its UsageError is raised on every rank, so that no
+        rank waits for one that stopped (e.g. rank 0 refusing an output folder)."""
+        result, problem = None, None
+        if self.is_main:
+            try:
+                result = fn(*args)
+            except UsageError as error:
+                problem = str(error)
+        result, problem = self.broadcast((result, problem))
+        if problem is not None:
+            raise UsageError(problem)
+        return result
+
+    def total(self, value: int) -> int:
+        """The sum of every rank's `value`, on every rank (e.g. the non-finite images, so all ranks stop alike)."""
+        if self.world == 1:
+            return value
+        values = [0] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return sum(values)
+
+    def part(self, folder: Path, rank: int) -> Path:
+        """Where rank `rank` leaves its images for `gather`: unique to this run, hidden."""
+        return folder / f".part-{self.token}-{rank}.npy"
+
     def gather(self, images: np.ndarray, n: int, folder: Path) -> np.ndarray | None:
         """All ranks' images in index order on rank 0 (None elsewhere)."""
         if self.world == 1:
             return images
         folder.mkdir(parents=True, exist_ok=True)
-        part = folder / f".part-{self.rank}.npy"
-        np.save(part, images)
-        torch.distributed.barrier()
-        result = None
-        if self.is_main:
-            parts = [np.load(folder / f".part-{r}.npy") for r in range(self.world)]
-            result = np.empty((n, *images.shape[1:]), dtype=np.uint8)
-            for r, shard in enumerate(parts):
-                result[r :: self.world] = shard
-        torch.distributed.barrier()
-        part.unlink()
+        part = self.part(folder, self.rank)
+        try:
+            np.save(part, images)
+            torch.distributed.barrier()
+            result = None
+            if self.is_main:
+                parts = [np.load(self.part(folder, r)) for r in range(self.world)]
+                result = np.empty((n, *images.shape[1:]), dtype=np.uint8)
+                for r, shard in enumerate(parts):
+                    result[r :: self.world] = shard
+            torch.distributed.barrier()
+        finally:
+            part.unlink(missing_ok=True)
         return result
 
     def close(self) -> None:

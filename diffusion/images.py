@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,34 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_npz(images: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write uint8 [N, H, W, C] images as `arr_0` of an .npz, atomically (the format of FID tools)."""
+def save_npz(images: np.ndarray, path: str | os.PathLike, *, replace: bool = True) -> Path:
+    """Write uint8 [N, H, W, C] images as `arr_0` of an .npz (the format of FID tools), atomically.
+
+    The temporary file is unique to this call (pid and a random token), so runs writing into one folder never
+    share it, and it is removed if writing fails. `replace=False` never replaces an existing file: another run
+    that wrote `path` meanwhile makes this one fail (FileExistsError) instead of losing its samples."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, images)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Put `tmp` at `path` unless `path` exists: atomically with a hard link where the file system has them."""
+    try:
+        os.link(tmp, path)  # `tmp` stays, and is removed by the caller
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: a check, then a rename
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.errors import UsageError
 from sample import sample
 from train import train
 
@@ -110,16 +111,43 @@ def test_fid_is_computed_against_the_training_data_and_recorded(ckpt, tmp_path, 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["steps=0"], "steps=0 is out of range"),
+        (["steps=0"], "steps=0: use a whole number >= 1"),
         (["steps=1001"], "steps=1001 is out of range"),
         (["spacing=random"], "spacing"),
         (["precision=fp8"], "precision"),
+        (["sampler.eta=2"], "sampler options: eta must lie in"),
         (["cache=deepcache", "cache.branch=99"], "branch=99 does not exist"),
     ],
 )
 def test_bad_options_say_what_to_change(overrides, message, ckpt, tmp_path):
-    with pytest.raises(Exception, match=message):
-        draw(tmp_path, ckpt, *overrides)
+    with pytest.raises(UsageError, match=message):
+        draw(tmp_path / "out", ckpt, *overrides)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_diverged_checkpoint_writes_nothing_and_says_what_to_try(ckpt, tmp_path):
+    """NaN EMA weights (the raw ones are fine): refused, not saved as black images; use_ema=false works."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("ema.") and value.is_floating_point():
+            value.fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "diverged.ckpt")
+    with pytest.raises(UsageError, match=r"6 of 6 images are NaN or infinite.*use_ema=false.*step_XXXXXXX.ckpt"):
+        draw(tmp_path / "ema", tmp_path / "diverged.ckpt", "steps=2", "png=true")
+    assert not (tmp_path / "ema").exists() or not any((tmp_path / "ema").iterdir())
+    assert draw(tmp_path / "raw", tmp_path / "diverged.ckpt", "steps=2", "use_ema=false").shape == (6, 16, 16, 3)
+
+
+def test_a_folder_with_samples_is_refused_and_overwrite_removes_them_first(ckpt, tmp_path):
+    first = draw(tmp_path, ckpt, "steps=2", "png=true")
+    with pytest.raises(UsageError, match="already holds samples of another run"):
+        draw(tmp_path, ckpt, "steps=2", "seed=1")
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], first)  # untouched
+    cfg = compose_config("sample", [f"ckpt={ckpt}", "logger=none", "n_samples=2", "steps=2", "seed=1", "png=true",
+                                    "overwrite=true"], tmp_path)  # fmt: skip
+    second = sample(cfg)
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], second)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000.png", "000001.png"]  # no stale PNGs
 
 
 def test_missing_corrupt_and_foreign_checkpoints_are_one_line(tmp_path):

@@ -1,0 +1,91 @@
+"""sample.py's options, checked before any model is loaded: every bad value named with its fix, all in one line.
+
+What needs the model waits for it: steps <= T (the model's T), the sampler's and DeepCache's own value checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from . import timesteps
+from .errors import UsageError
+from .generation import PRECISIONS
+
+__all__ = ["check_options"]
+
+FLAGS = ("use_ema", "grid", "png", "fid", "overwrite")
+
+
+def check_options(cfg: Mapping, world_size: int = 1) -> None:
+    """Raise one UsageError listing every bad option of conf/sample.yaml (`world_size`: processes under torchrun)."""
+    problems = []
+
+    def whole(key: str, low: int, meaning: str) -> bool:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key}={value!r}: use a whole number >= {low} ({meaning})")
+            return False
+        return True
+
+    whole("batch_size", 1, "images per batch on each process, e.g. 64")
+    whole("seed", 0, "image i depends on (seed, i)")
+    whole("steps", 1, "sampling steps, at most the model's T")
+    if whole("n_samples", 1, "the number of images to draw") and cfg["n_samples"] < world_size:
+        problems.append(f"n_samples={cfg['n_samples']} is fewer than the {world_size} processes: ask for at least "
+                        f"{world_size} images, or start fewer processes (torchrun --nproc_per_node)")  # fmt: skip
+    for key in FLAGS:
+        if not isinstance(cfg.get(key), bool):
+            problems.append(f"{key}={cfg.get(key)!r}: use true or false")
+    if cfg.get("spacing") not in timesteps.NAMES:
+        problems.append(f"spacing={cfg.get('spacing')!r}: choose one of {', '.join(timesteps.NAMES)}")
+    if cfg.get("precision") not in PRECISIONS:
+        problems.append(f"unknown precision={cfg.get('precision')!r}: choose one of {', '.join(PRECISIONS)}")
+    if problem := _device_problem(cfg.get("device")):
+        problems.append(problem)
+    if cfg.get("ckpt") and cfg.get("pretrained"):
+        problems.append("ckpt= and pretrained= are both set: pass either ckpt=PATH or pretrained=DIR, not both")
+    ref = cfg.get("fid_ref")
+    if cfg.get("fid") is True and ref and str(ref).endswith(".npz") and not Path(str(ref)).is_file():
+        problems.append(f"fid_ref={ref}: no such file; pass an .npz with mu and sigma, or leave fid_ref=null")
+    if cfg.get("fid") is True and not ref and cfg.get("pretrained"):
+        problems.append(
+            "fid=true with pretrained=: a diffusers folder does not name its dataset; pass fid_ref=PATH.npz"
+        )
+    problems += _keyword_problems("sampler", cfg.get("sampler")) + _keyword_problems("cache", cfg.get("cache"))
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _device_problem(device) -> str | None:
+    if device == "auto":
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"device={device!r}: use auto, cpu, cuda or cuda:N"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"device={device}: {torch.cuda.device_count()} CUDA GPUs are visible here; use device=auto or cpu"
+    return None
+
+
+def _keyword_problems(group: str, node) -> list[str]:
+    """Options the function of a partial config (`_partial_: true`) does not take, e.g. sampler.etta=0.5."""
+    if not node:
+        return []
+    try:
+        partial = instantiate(node)
+    except InstantiationException as error:
+        return [f"{group}: {' '.join(str(error).split())}"]
+    parameters = inspect.signature(partial.func).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return []
+    options = [n for n, p in parameters.items() if p.default is not p.empty and n not in ("generator", "timesteps")]
+    name = getattr(partial.func, "__name__", group)
+    return [f"{group}.{key} is not an option of {name}: its options are {', '.join(options)}"
+            for key in partial.keywords if key not in parameters]  # fmt: skip
