@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import OmegaConf
 
 from diffusion.launch import resolve_precision
+from diffusion.strategies import FSDP
 
 from .conftest import CONF, ROOT, compose_config
 
@@ -69,7 +69,7 @@ def test_trainer_configs_compose_and_cpu_ones_build(name, tmp_path):
     if cfg.trainer.accelerator == "gpu":  # no GPU here: build the strategy object, not a whole Trainer
         if OmegaConf.is_dict(cfg.trainer.get("strategy")):
             strategy = instantiate(cfg.trainer.strategy)
-            assert name != "fsdp" or isinstance(strategy, FSDPStrategy)
+            assert name != "fsdp" or isinstance(strategy, FSDP)
         return
     trainer = instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
     assert trainer.max_steps == 800000
