@@ -45,12 +45,8 @@ FOUR_STEPS = [
 
 def train_script(run_dir: Path, *overrides: str, timeout: float = 300) -> None:
     """python train.py in its own process group; on a hang (a collective one rank never joins) kill all of it."""
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HYDRA_FULL_ERROR": "1",
-        "PYTHONFAULTHANDLER": "1",
-    }  # a crash says where
+    # The fault handler: a rank that dies in C++ (no Python traceback) still says where.
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "train.py", *FOUR_STEPS, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
