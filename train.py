@@ -6,38 +6,46 @@ import os
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import checkpoints, loggers
+from diffusion import checkpoints, loggers, precision, resume
 from diffusion.errors import reported
-from diffusion.launch import job_environment, resolve_precision
+from diffusion.launch import job_environment
 from diffusion.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
 from diffusion.training import DiffusionModule
 
 
 def train(cfg: DictConfig) -> DiffusionModule:
-    """Build data, model, module, logger and trainer from `cfg` and fit; returns the trained module."""
-    L.seed_everything(cfg.seed, verbose=False)  # same initial weights on every rank
-    if cfg.resume:  # continue the same W&B run, so its charts go on from the checkpoint's step
-        cfg.run_id = checkpoints.load(cfg.resume)["config"].get("run_id")
+    """Build data, model, module, logger and trainer from `cfg` and fit; returns the trained module.
+
+    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run."""
+    if cfg.resume:
+        for line in resume.continue_run(cfg, checkpoints.load(cfg.resume)["config"], resume.command_line_overrides()):
+            rank_zero_info(f"resume: {line}")
     cfg.run_id = cfg.run_id or os.urandom(4).hex()
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
+    optimizer = instantiate(cfg.optim)
+    plan = precision.plan_step(cfg.trainer, cfg.module, optimizer)  # refuses what would crash at step 1
+    rank_zero_info(f"training step: {plan}")
 
+    L.seed_everything(cfg.seed, verbose=False)  # same initial weights on every rank
     schedule = instantiate(cfg.schedule)
-    module = DiffusionModule(instantiate(cfg.model), schedule, instantiate(cfg.optim), **cfg.module, config=config)
+    module = DiffusionModule(
+        instantiate(cfg.model), schedule, optimizer, **{**cfg.module, "grad_clip": plan.grad_clip},
+        fused=plan.fused, config=config,
+    )  # fmt: skip
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(config)  # the full resolved config, as the run's W&B config
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        precision=plan.precision,
         logger=logger,
         callbacks=[instantiate(c) for c in (cfg.callbacks or {}).values()],
         plugins=[checkpoints.AtomicCheckpointIO()],
     )
-    torch.manual_seed(cfg.seed + 1 + trainer.global_rank)  # each rank draws its own t and noise
     try:
         trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=cfg.resume)
     finally:

@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .errors import UsageError
 from . import registry
+from .errors import UsageError
 
 __all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "newest"]
 
@@ -39,12 +40,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoints(L.Callback):
-    """Refresh `last.ckpt` every `last_every_n_steps` and when training stops (also on Ctrl-C or an error),
-    and keep `step_XXXXXXX.ckpt` every `keep_every_n_steps` (0: never)."""
+    """Refresh `last.ckpt` every `last_every_n_steps` and when training stops (also on Ctrl-C or out of memory, where
+    that is safe), and keep `step_XXXXXXX.ckpt` every `keep_every_n_steps` (0: never).
+
+    A checkpoint is never written with non-finite weights: the good file stays. Temporary files that a killed save
+    left behind (`.NAME.PID.tmp`) are removed when training starts.
+    """
 
     def __init__(self, dirpath: str | os.PathLike, last_every_n_steps: int = 1000, keep_every_n_steps: int = 0):
         if last_every_n_steps < 1 or keep_every_n_steps < 0:
-            raise ValueError("last_every_n_steps must be >= 1 and keep_every_n_steps >= 0")
+            raise UsageError(
+                f"callbacks.checkpoints: last_every_n_steps={last_every_n_steps} must be >= 1 and "
+                f"keep_every_n_steps={keep_every_n_steps} >= 0 (0: keep none)"
+            )
         self.dirpath = Path(dirpath)
         self.last_every_n_steps = last_every_n_steps
         self.keep_every_n_steps = keep_every_n_steps
@@ -54,27 +62,74 @@ class Checkpoints(L.Callback):
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            folders = {self.dirpath} | ({Path(trainer.ckpt_path).parent} if trainer.ckpt_path else set())
+            for stale in remove_stale_temporaries(*folders):
+                rank_zero_info(f"removed {stale}, left by a save that was killed")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.keep_every_n_steps and step % self.keep_every_n_steps == 0:
-            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")
+            self._save(trainer, pl_module, self.dirpath / f"step_{step:07d}.ckpt")
         if step % self.last_every_n_steps == 0:
-            self._save_last(trainer)
+            self._save_last(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save_last(trainer)
+        self._save_last(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # The state is sound after Ctrl-C or OOM: keep the work done since the last save. With several processes a
+        # save is a collective (every rank gathers), and the others may be stuck in an all-reduce: it would hang.
         if isinstance(exception, KeyboardInterrupt | torch.cuda.OutOfMemoryError):
-            self._save_last(trainer)  # the state is sound: keep the work done since the last save
+            if trainer.world_size == 1:
+                self._save_last(trainer, pl_module)
+            else:
+                rank_zero_info(f"not saving on {type(exception).__name__} with {trainer.world_size} processes "
+                               f"(it could hang); {self.last_path} holds step {self._saved_step}")  # fmt: skip
 
-    def _save_last(self, trainer: L.Trainer) -> None:
-        if trainer.global_step != self._saved_step:
-            trainer.save_checkpoint(self.last_path)
+    def _save_last(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._saved_step and self._save(trainer, pl_module, self.last_path):
             self._saved_step = trainer.global_step
             for logger in trainer.loggers if trainer.is_global_zero else []:
                 if isinstance(logger, WandbLogger):  # the run page says where its weights are
                     logger.experiment.summary["checkpoint"] = str(self.last_path.resolve())
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path) -> bool:
+        if not _all_finite(trainer, pl_module):
+            rank_zero_warn(f"step {trainer.global_step}: the weights are not finite; {path} is left as it was")
+            return False
+        trainer.save_checkpoint(path)
+        return True
+
+
+def _all_finite(trainer: L.Trainer, module: torch.nn.Module) -> bool:
+    """True when every parameter and buffer (of this rank's shard) is finite on every rank."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    local = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return trainer.strategy.reduce_boolean_decision(local, all=True)
+
+
+def remove_stale_temporaries(*folders: Path) -> list[Path]:
+    """Delete `.NAME.PID.tmp` files of AtomicCheckpointIO whose process no longer runs; returns what was removed."""
+    removed = []
+    for folder in folders:
+        for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
+            pid = path.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _running(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

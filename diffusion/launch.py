@@ -1,4 +1,4 @@
-"""What entry points do before building a Trainer: pick the precision, and keep DDP workers in this run.
+"""What entry points do before building a Trainer: keep DDP workers in this run.
 
 Lightning starts DDP workers by re-running the command line with `hydra.run.dir` set to the parent's run
 directory. Under a Hydra multirun that command line is the whole sweep, so each worker would start a sweep of
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["job_environment", "resolve_precision"]
+__all__ = ["job_environment"]
 
 
 @contextlib.contextmanager
@@ -43,13 +43,3 @@ def job_environment() -> Iterator[None]:
         os.environ.clear()
         os.environ.update(saved_env)
         sys.argv = saved_argv
-
-
-def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
-    """`auto` -> bf16-mixed on a CUDA GPU that supports it, else full precision; anything else unchanged."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if on_gpu and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"

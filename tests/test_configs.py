@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.launch import resolve_precision
+from diffusion.precision import resolve_precision
 from diffusion.strategies import FSDP
 
 from .conftest import CONF, ROOT, compose_config

@@ -1,0 +1,138 @@
+"""Resume continues the same run: the checkpoint's config is the base, overrides that would change the run are refused,
+harmless ones are applied and printed, a killed save's temporaries are cleaned, and under DDP every rank gets its own
+random state back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from diffusion import checkpoints, resume
+from diffusion.errors import UsageError
+from train import train
+
+from .conftest import ROOT, TINY_RUN, compose_config
+from .test_train import script, train_losses
+
+NO_EXPERIMENT = [o for o in TINY_RUN if not o.startswith(("experiment=", "model.", "data."))] + ["data.num_workers=0"]
+
+
+def saved_config(tmp: Path, *overrides: str) -> dict:
+    """The config a run composed with TINY_RUN + overrides would store in its checkpoints."""
+    return OmegaConf.to_container(compose_config("train", [*TINY_RUN, *overrides], tmp), resolve=True)
+
+
+def test_forgetting_the_experiment_continues_the_checkpoints_run(tmp_path):
+    saved = saved_config(tmp_path / "a", "optim.lr=3e-4", "schedule=cosine")
+    cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt"], tmp_path / "b")
+    assert cfg.model.ch == 128 and cfg.data._target_ == "diffusion.data.CIFAR10"  # today's defaults differ
+    notes = resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt"])
+    for section in ("model", "schedule", "data", "optim", "module"):
+        assert OmegaConf.to_container(cfg[section]) == saved[section], section
+    assert cfg.trainer.max_steps == saved["trainer"]["max_steps"]  # not overridden: the run's own value
+    assert cfg.callbacks.samples.n == 4 and cfg.run_id == saved["run_id"]
+    assert cfg.paths.output_dir == str(tmp_path / "b")  # a new folder: the old one is never written into
+    assert any(n.startswith("model.ch: 16 from the checkpoint") for n in notes), notes
+    assert any(n.startswith("optim.lr: 0.0003 from the checkpoint") for n in notes), notes
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.ch=32", "model.ch"),
+        ("schedule=cosine", "schedule._target_"),
+        ("data=mixture", "data._target_"),
+        ("optim.lr=1e-3", "optim.lr"),
+        ("module.ema_decay=0.5", "module.ema_decay"),
+        ("seed=7", "seed"),
+        ("experiment=cifar10_ddpm", "model.ch"),
+    ],
+)
+def test_an_override_that_would_change_the_run_is_refused(tmp_path, override, key):
+    saved = saved_config(tmp_path / "a")
+    overrides = [*NO_EXPERIMENT, override, "resume=x.ckpt"]
+    cfg = compose_config("train", overrides, tmp_path / "b")
+    with pytest.raises(UsageError) as error:
+        resume.continue_run(cfg, saved, overrides)
+    assert f"{key}:" in str(error.value) and "without resume=" in str(error.value)
+
+
+def test_harmless_overrides_are_applied_and_printed(tmp_path):
+    saved = saved_config(tmp_path / "a")
+    overrides = [*NO_EXPERIMENT, "trainer.max_steps=99", "data.num_workers=3", "logger=none", "resume=x.ckpt"]
+    cfg = compose_config("train", overrides, tmp_path / "b")
+    notes = resume.continue_run(cfg, saved, overrides)
+    assert cfg.trainer.max_steps == 99 and cfg.data.num_workers == 3 and not cfg.logger
+    assert "trainer.max_steps: 99 (command line; the run had 6)" in notes
+    assert "data.num_workers: 3 (command line; the run had 0)" in notes
+
+
+def test_a_crafted_config_in_the_checkpoint_is_refused_before_anything_is_built(tmp_path):
+    marker = tmp_path / "owned"
+    saved = saved_config(tmp_path / "a")
+    saved["model"] = {"_target_": "diffusion.pretrained.Path.write_text", "self": str(marker), "data": "x"}
+    cfg = compose_config("train", [*TINY_RUN, "resume=x.ckpt"], tmp_path / "b")
+    with pytest.raises(UsageError, match="model._target_"):
+        resume.continue_run(cfg, saved, [])
+    saved = saved_config(tmp_path / "a")
+    saved["trainer"]["strategy"] = {"_target_": "os.system", "command": f"touch {marker}"}  # a dict: never copied
+    resume.continue_run(cfg, saved, [])
+    assert "strategy" not in cfg.trainer and not marker.exists()
+
+
+def test_resume_without_the_experiment_trains_on_like_an_uninterrupted_run(tmp_path):
+    straight = train(compose_config("train", TINY_RUN, tmp_path / "straight"))
+    train(compose_config("train", [*TINY_RUN, "trainer.max_steps=3"], tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    stale = last.parent / f".last.ckpt.{dead_pid()}.tmp"
+    live = last.parent / f".last.ckpt.{os.getpid()}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    resumed = train(
+        compose_config("train", [*NO_EXPERIMENT, "trainer.max_steps=6", f"resume={last}"], tmp_path / "resumed")
+    )
+    assert not stale.exists() and live.exists()  # a killed save's file goes; a running process's stays
+    assert resumed.global_step == 6 and resumed.model.ch == 16
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(b) == [4, 5, 6] and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in b)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_resume_their_own_random_state(tmp_path):
+    """Two CPU processes: each rank saves and restores its own RNG state, so after a resume the ranks still draw
+    different t and noise, and the resumed run ends where the uninterrupted one does."""
+    tiny = [o for o in TINY_RUN if not o.startswith("~")] + ["~callbacks.progress", "trainer=cpu_ddp"]
+    for name, extra in (("straight", []), ("first", ["trainer.max_steps=3"])):
+        result = script("train.py", *tiny, *extra, f"hydra.run.dir={tmp_path / name}", cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    first = checkpoints.load(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    rng = first["rng_states"]["cpu"]
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # two ranks, two different states
+    resumed_ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    result = script("train.py", *tiny, f"resume={resumed_ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = checkpoints.load(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 6
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(b["rng_states"]["cpu"][0], b["rng_states"]["cpu"][1])
+
+
+def dead_pid() -> int:
+    """A process id that no process has now."""
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
