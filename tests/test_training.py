@@ -1,5 +1,7 @@
 """The loss, the EMA update, and checkpoint files (atomic writes, safe loading)."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -83,3 +85,37 @@ def test_load_never_runs_code_from_a_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "config": {}, "payload": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
         checkpoints.load(tmp_path / "evil.ckpt")
+
+
+class FakeTrainer:
+    """What Checkpoints reads of a Trainer, and a record of the saves it asks for."""
+
+    def __init__(self, world_size: int, step: int = 7):
+        self.world_size, self.global_step, self.is_global_zero = world_size, step, True
+        self.loggers, self.saved = [], []
+        self.strategy = type("Strategy", (), {"reduce_boolean_decision": staticmethod(lambda ok, all=True: ok)})()
+
+    def save_checkpoint(self, path):
+        self.saved.append(path)
+
+
+@pytest.mark.parametrize("world_size, saves", [(1, True), (2, False), (8, False)])
+def test_ctrl_c_saves_only_where_a_save_cannot_hang(tmp_path, world_size, saves):
+    """With several processes a save is a collective: one rank interrupted while the others sit in an all-reduce
+    would wait forever, so only a single process saves on Ctrl-C."""
+    callback, trainer = checkpoints.Checkpoints(tmp_path), FakeTrainer(world_size)
+    callback.on_exception(trainer, nn.Linear(2, 2), KeyboardInterrupt())
+    assert trainer.saved == ([tmp_path / "last.ckpt"] if saves else [])
+    callback.on_exception(trainer, nn.Linear(2, 2), ValueError("a bug"))  # a bug's state is not trusted
+    assert len(trainer.saved) == int(saves)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    from .test_resume import dead_pid
+
+    stale, live = tmp_path / f".last.ckpt.{dead_pid()}.tmp", tmp_path / f".step_0000010.ckpt.{os.getpid()}.tmp"
+    keep = tmp_path / "last.ckpt"
+    for path in (stale, live, keep):
+        path.write_bytes(b"x")
+    assert checkpoints.remove_stale_temporaries(tmp_path, tmp_path / "missing") == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, keep.name])
