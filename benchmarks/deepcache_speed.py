@@ -16,24 +16,52 @@ cache changes the result by a bounded amount (a trained model's features change 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks.testbed import CIFAR10, jittered
 from diffusion import samplers, schedule, timesteps
 from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
 from diffusion.unet import UNet
 
-CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
 PAPER = {2: (1.40, 1.47), 3: (1.61, 1.72), 5: (1.85, 2.03), 10: (2.07, 2.32)}  # measured, MACs
 
 
-def jittered(model: UNet, seed: int = 0) -> UNet:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
-    return model
+def ddim_runs(model: UNet, x_T: torch.Tensor, sched, ts: torch.Tensor, intervals: list[int], *,
+              branch: int | None = None, uniform: bool = True, repeats: int = 1,
+              dtype: torch.dtype | None = None) -> tuple[dict, dict, dict]:  # fmt: skip
+    """DDIM over `ts` from x_T without cache (key None) and with DeepCache at each N in `intervals`, interleaved
+    `repeats` times: (best seconds, final x0, DeepCache wrapper) by N. `dtype`: autocast for the network."""
+    device = x_T.device
+    nets = {n: DeepCache(model, ts, interval=n, branch=branch, uniform=uniform) for n in intervals}
+
+    def run(n: int | None) -> tuple[float, torch.Tensor]:
+        net = model if n is None else nets[n]
+        if n is not None:
+            net.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            x0 = samplers.ddim(net, x_T, sched, ts)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, x0.float()
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        warm = DeepCache(model, ts, interval=2, branch=branch)  # warm-up: a full and a cached call at this batch
+        for t in ts[:2]:
+            warm(x_T, torch.full((len(x_T),), int(t), device=device))
+    seconds, images = {}, {}
+    for _ in range(repeats):  # interleaved, so that a noisy machine hurts every setting alike
+        for n in [None, *intervals]:
+            s, images[n] = run(n)
+            seconds[n] = min(s, seconds.get(n, float("inf")))
+    return seconds, images, nets
 
 
 def main() -> None:
@@ -56,29 +84,8 @@ def main() -> None:
     x_T = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     share = cached_cost(model, args.branch)
     settings = [None, *args.intervals]
-    nets = {n: DeepCache(model, ts, interval=n, branch=args.branch, uniform=not args.nonuniform) for n in settings[1:]}
-
-    def run(n: int | None) -> tuple[float, torch.Tensor]:
-        net = model if n is None else nets[n]
-        if n is not None:
-            net.reset()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        x0 = samplers.ddim(net, x_T, sched, ts)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, x0
-
-    with torch.no_grad():  # warm-up: a full and a cached call at this batch size
-        warm = DeepCache(model, ts, interval=2, branch=args.branch)
-        for t in ts[:2]:
-            warm(x_T, torch.full((args.batch,), int(t), device=device))
-    seconds, images = {}, {}
-    for _ in range(args.repeats):  # interleaved, so that a noisy machine hurts every setting alike
-        for n in settings:
-            s, images[n] = run(n)
-            seconds[n] = min(s, seconds.get(n, float("inf")))
+    seconds, images, nets = ddim_runs(model, x_T, sched, ts, args.intervals, branch=args.branch,
+                                      uniform=not args.nonuniform, repeats=args.repeats)  # fmt: skip
 
     branch = DeepCache(model, branch=args.branch, interval=1).branch
     schedule_name = "non-uniform" if args.nonuniform else "uniform"

@@ -26,17 +26,18 @@ deepcache_speed.py). Timings do not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
-from deepcache_speed import CIFAR10, jittered  # run as a script: this folder is on sys.path
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks.testbed import CIFAR10, jittered, machine
 from diffusion import samplers, schedule, timesteps
 from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
 from diffusion.generation import PRECISIONS, Autocast
@@ -115,16 +116,6 @@ def sample(name: str, net, x_T: Tensor, sched, ts: Tensor) -> Tensor:
     """One run of sampler `name` (ddpm draws its noise from a seeded generator on x_T's device)."""
     generator = torch.Generator(x_T.device).manual_seed(2) if name == "ddpm" else None
     return getattr(samplers, name)(net, x_T, sched, ts, generator=generator)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------- the tables

@@ -1,82 +1,80 @@
 """Training throughput of our unet_cifar10 against diffusers' UNet2DModel with the same configuration.
 
-One training step = forward + backward + Adam step on the DDPM simple loss (MSE to eps) with random data.
-The two models are timed in one process, interleaved (ours, theirs, ours, ...) after a warm-up, so a load
-change on a shared machine hits both alike; the table reports median images/s and the ratio ours / theirs.
+One training step = forward + backward + Adam step on the DDPM simple loss (`eps_loss`: fresh t and noise each
+step) on a fixed random batch; `--clip 1 --fused --ema 0.9999` adds what train.py's step does besides. The two
+models are timed in one process, interleaved (ours, theirs, ours, ...) after a warm-up, so a load change on a
+shared machine hits both alike; the table reports median images/s and the ratio ours / theirs.
 
     python benchmarks/train_speed.py                       # fp32, batch 16, this CPU
     python benchmarks/train_speed.py --precision bf16      # bf16 autocast
     python benchmarks/train_speed.py --device cuda --precision bf16 --compile --channels-last --batch 128
+    python benchmarks/train_speed.py --clip 1 --fused --ema 0.9999    # train.py's whole step (GPU: gpu_report.py)
     python benchmarks/train_speed.py --profile             # where the time goes, per model (torch.profiler)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
+import copy
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import UNet2DModel  # a benchmark-only dependency: pip install -e ".[test]"
 
-from diffusion.pretrained import diffusers_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks.testbed import CIFAR10, PARAMS, Eps, diffusers_unet, machine
+from diffusion.schedule import linear
+from diffusion.training import ema_update, eps_loss
 from diffusion.unet import UNet
-
-# model=unet_cifar10 (conf/model/unet_cifar10.yaml) at 32x32: Ho et al. 2020, Appendix B
-CONFIG = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
-PARAMS = 35_746_307
-
-
-def diffusers_unet(ours: UNet) -> UNet2DModel:
-    """UNet2DModel with the layout of `ours` (the config diffusion.pretrained exports, google/ddpm-* settings)."""
-    return UNet2DModel(**{k: v for k, v in diffusers_config(ours).items() if not k.startswith("_")})
-
-
-class Eps(torch.nn.Module):
-    """diffusers returns an output object; unwrap it so both models are called as model(x, t) -> eps."""
-
-    def __init__(self, unet: UNet2DModel) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
-
 
 # ---------------------------------------------------------------- one training step
 
 
-def make_step(model: torch.nn.Module, args: argparse.Namespace):
-    """A closure running one forward + backward + Adam step on fixed random (x_t, t, eps)."""
-    device = torch.device(args.device)
-    model = model.to(device).train()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    forward = torch.compile(model) if args.compile else model
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
-    eps = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
-    t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
-    )
+def make_step(
+    model: torch.nn.Module,
+    *,
+    batch: int,
+    shape: tuple[int, int, int] = (3, 32, 32),
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    channels_last: bool = False,
+    clip: float | None = None,
+    fused: bool = False,
+    ema_decay: float | None = None,
+) -> Callable[[], None]:
+    """A closure running one training step on a fixed batch x0 [batch, *shape]: the DDPM loss (`eps_loss`, fresh t
+    and noise each call) forward and backward, optionally under bf16 autocast, the global gradient norm clipped to
+    `clip`, an Adam step (`fused`: one kernel for all parameters) and, with `ema_decay`, the EMA update."""
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, fused=fused)
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    forward = torch.compile(model) if compile else model
+    schedule = linear(T=1000).to(device)
+    x0 = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device, memory_format=fmt)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def step() -> None:
-        with autocast:
-            loss = F.mse_loss(forward(x, t).float(), eps)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = eps_loss(forward, schedule, x0)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, model, ema_decay)
 
     return step
 
 
-def timed(step, iters: int, device: str) -> list[float]:
-    """Seconds per step, one number per step."""
+def timed(step: Callable[[], None], iters: int, device: str) -> list[float]:
+    """Seconds per step, one number per step (each step waits for the GPU: steadier rounds, not peak speed)."""
     times = []
     for _ in range(iters):
         if device == "cuda":
@@ -103,14 +101,6 @@ def profile(name: str, step, rows: int) -> None:
 # ---------------------------------------------------------------- main
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -120,6 +110,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--clip", type=float, default=None, help="clip the global gradient norm to this (DDPM: 1)")
+    parser.add_argument("--fused", action="store_true", help="fused Adam (one kernel for all parameters)")
+    parser.add_argument("--ema", type=float, default=None, help="also update an EMA copy with this decay")
     parser.add_argument("--profile", action="store_true", help="after timing, profile one step of each model")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -131,11 +124,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)  # dropout masks and init: the same stream for every run of this script
-    ours = UNet(**CONFIG)
+    ours = UNet(**CIFAR10)
     theirs = diffusers_unet(ours)
     counts = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
     assert counts == [PARAMS, PARAMS], f"parameter counts {counts} differ from {PARAMS}: not the same network"
-    steps = {"ours (diffusion.unet.UNet)": make_step(ours, args), "diffusers UNet2DModel": make_step(Eps(theirs), args)}
+    options = dict(batch=args.batch, device=args.device, precision=args.precision, compile=args.compile,
+                   channels_last=args.channels_last, clip=args.clip, fused=args.fused, ema_decay=args.ema)  # fmt: skip
+    steps = {"ours (diffusion.unet.UNet)": make_step(ours, **options),
+             "diffusers UNet2DModel": make_step(Eps(theirs), **options)}  # fmt: skip
 
     for step in steps.values():
         timed(step, args.warmup, args.device)
@@ -144,11 +140,11 @@ def main() -> None:
         for name, step in steps.items():
             times[name] += timed(step, 1, args.device)
 
-    where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    extras = [("torch.compile", args.compile), ("channels-last", args.channels_last), ("fused Adam", args.fused),
+              (f"clip {args.clip}", args.clip is not None), (f"EMA {args.ema}", args.ema is not None)]  # fmt: skip
     print(
         f"\nunet_cifar10 ({PARAMS:,} params) training step, batch {args.batch}, {args.precision}"
-        f"{', torch.compile' if args.compile else ''}{', channels-last' if args.channels_last else ''}; "
-        f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{''.join(f', {name}' for name, on in extras if on)}; {machine(args.device)}; "
         f"median of {args.iters} interleaved steps after {args.warmup} warm-up\n"
     )
     print("| model | median s/step | images/s | min s/step |")
