@@ -10,10 +10,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from diffusion import checkpoints
 from diffusion.errors import UsageError
 from diffusion.precision import PRECISIONS, plan_step, resolve_precision
+from diffusion.schedule import linear
+from diffusion.training import DiffusionModule
+from train import train
 
-from .conftest import CONF, compose_config
+from .conftest import CONF, TINY_RUN, compose_config
 
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
 
@@ -88,3 +92,62 @@ def test_the_bf16_mixed_crash_is_lightnings_clipping_not_ours():
     p.grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
         MixedPrecision("bf16-mixed", "cpu").clip_gradients(torch.optim.Adam([p], fused=True), 1.0)
+
+
+# ---------------------------------------------------------------- the step itself
+
+
+def module_with_grads(scale: float | None) -> DiffusionModule:
+    """A DiffusionModule whose network holds gradients of norm 5 (times `scale`, as a GradScaler leaves them)."""
+    net = torch.nn.Linear(3, 4, bias=False)
+    net.weight.grad = torch.full_like(net.weight, 5 / net.weight.numel() ** 0.5) * (scale or 1.0)
+    module = DiffusionModule(net, linear(10), ADAM, grad_clip=1.0)
+    scaler = None if scale is None else type("Scaler", (), {"get_scale": lambda self: scale})()
+    plugin = type("Plugin", (), {"scaler": scaler})()
+    module._trainer = type("Trainer", (), {"precision_plugin": plugin})()
+    return module
+
+
+@pytest.mark.parametrize("scale", [None, 1024.0])
+def test_clipping_returns_the_true_norm_and_clips_the_true_gradient(scale):
+    """Under fp16 the gradients still carry the GradScaler's scale: the threshold is scaled alike, so the gradient the
+    optimizer sees after unscaling has norm grad_clip, and the logged norm is the unscaled one."""
+    module = module_with_grads(scale)
+    assert module.clip_and_check().item() == pytest.approx(5.0)
+    after = module.model.weight.grad.norm().item() / (scale or 1.0)
+    assert after == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_nonfinite_gradient_gives_a_nonfinite_norm():
+    module = module_with_grads(None)
+    module.model.weight.grad[0, 0] = float("nan")
+    assert not torch.isfinite(module.clip_and_check())
+
+
+@pytest.mark.slow
+def test_the_settings_a_gpu_resolves_to_train_on_the_cpu(tmp_path):
+    """bf16-mixed, fused Adam, clipping at 1, torch.compile and EMA: what `python train.py` resolves to on a bf16 GPU,
+    run on the CPU (the inductor compiles C++ here, Triton there; everything above the backend is the same)."""
+    cfg = compose_config(
+        "train",
+        [*TINY_RUN, "trainer.precision=bf16-mixed", "module.compile=true", "trainer.max_steps=3",
+         "callbacks.samples.every_n_steps=3", "trainer.val_check_interval=3",
+         "module.warmup_steps=1", "module.ema_decay=0.5"],
+        tmp_path,
+    )  # fmt: skip
+    module = train(cfg)
+    optimizer = module.optimizers().optimizer
+    assert module.trainer.precision == "bf16-mixed" and optimizer.defaults["fused"] and module.grad_clip == 1.0
+    assert module.model._compiled_call_impl is not None  # the network really ran compiled
+    assert module.global_step == 3 and module.skipped_steps == 0
+    ckpt = checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")
+    model, _ = checkpoints.load_model(ckpt, use_ema=True)
+    raw, _ = checkpoints.load_model(ckpt, use_ema=False)
+    torch.manual_seed(cfg.seed)  # train() seeds just before building the network: this is its starting point
+    untrained = instantiate(cfg.model)
+    for ema, new in zip(model.parameters(), raw.parameters(), strict=True):
+        assert torch.isfinite(ema).all() and torch.isfinite(new).all()
+    moved = [not torch.equal(e, o) for e, o in zip(model.parameters(), untrained.parameters(), strict=True)]
+    assert all(moved)  # the EMA followed the steps
+    assert any(not torch.equal(e, n) for e, n in zip(model.parameters(), raw.parameters(), strict=True))
+    assert (tmp_path / "samples" / "step_0000003.png").is_file()
