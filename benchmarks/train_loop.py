@@ -101,15 +101,15 @@ def loop_config(overrides: list[str], run_dir: Path, *, warmup: int, steps: int)
     return cfg
 
 
-def step_settings(cfg: DictConfig, module: L.LightningModule) -> dict[str, Any]:
-    """What the loop's step did, for make_step: precision and fused Adam as resolved at run time, clipping, EMA."""
+def step_settings(module: L.LightningModule) -> dict[str, Any]:
+    """What the loop's step ran with, for make_step: precision and fused Adam as resolved at run time, clipping, EMA
+    and compile as the module holds them."""
     precision = {v: k for k, v in PRECISIONS.items()}.get(str(module.trainer.precision))
     if precision is None:
         raise ValueError(f"precision {module.trainer.precision} has no bare twin here: use 32-true or bf16-mixed")
-    clip = cfg.module.get("grad_clip", None) or cfg.trainer.get("gradient_clip_val", None)  # module.grad_clip: new
     fused = bool(module.trainer.optimizers[0].defaults.get("fused"))
-    return dict(precision=precision, compile=cfg.module.compile, clip=clip or None, fused=fused,
-                ema_decay=cfg.module.ema_decay)  # fmt: skip
+    return dict(precision=precision, compile=module.compile, clip=module.grad_clip, fused=fused,
+                ema_decay=module.ema_decay)  # fmt: skip
 
 
 def bare_rate(model: torch.nn.Module, settings: dict[str, Any], *, batch: int, shape: tuple[int, int, int],
@@ -152,7 +152,7 @@ def loop_and_bare(overrides: list[str], *, warmup: int, steps: int, bare_models:
         clock = next(c for c in module.trainer.callbacks if type(c).__name__ == "StepClock")
         batch = cfg.data.batch_size * module.trainer.world_size
         rates = {"loop": clock.batches * batch / clock.seconds}
-        settings, device = step_settings(cfg, module), module.device
+        settings, device = step_settings(module), module.device
     torch.manual_seed(cfg.seed)  # train() builds the network right after seeding: the same starting weights
     ours = instantiate(cfg.model)
     shape = (ours.in_channels, ours.resolution, ours.resolution)

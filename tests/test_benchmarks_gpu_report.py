@@ -15,6 +15,16 @@ from benchmarks.gpu_report import gpu_tests_table, main
 from .conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine two threads spin against each other
+    (a forward of the tiny UNet then takes 50 times longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rows(text: str) -> dict[str, list[str]]:
     """First cell -> the other cells, for every row of the markdown tables in `text` (header and rule left out)."""
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]

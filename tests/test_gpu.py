@@ -52,17 +52,14 @@ class GradNorms(L.Callback):
 
     def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        norms = [torch.linalg.vector_norm(g) for g in grads]  # none after a skipped (non-finite) step: nan
+        self.norms.append(torch.linalg.vector_norm(torch.stack(norms)).item() if norms else math.nan)
 
 
 def gpu_config(tmp: Path, *overrides: str):
-    """The tiny run on trainer=gpu, clipping at CLIP wherever this version keeps the setting, with GradNorms."""
-    cfg = compose_config("train", [*GPU_RUN, *overrides], tmp)
+    """The tiny run on trainer=gpu, clipping at CLIP, with GradNorms watching the optimizer."""
+    cfg = compose_config("train", [*GPU_RUN, f"module.grad_clip={CLIP}", *overrides], tmp)
     with open_dict(cfg):
-        if "grad_clip" in cfg.module:  # since manual optimization: the module clips
-            cfg.module.grad_clip = CLIP
-        else:
-            cfg.trainer.gradient_clip_val = CLIP
         cfg.callbacks.grad_norms = {"_target_": f"{__name__}.GradNorms"}
     return cfg
 
