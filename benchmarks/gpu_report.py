@@ -20,11 +20,13 @@ diffusers' other settings) are skipped once --budget-min is spent.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -142,6 +144,7 @@ def train_table(args: argparse.Namespace, size: dict, device: torch.device, extr
         "|---|---:|---:|---:|",
     ]
     for name, key, rate in rows:
+        name = f"{name}: failed (traceback above the table)" if math.isnan(rate) else name
         mfu = f"{100 * flops[key] * rate / (peak * 1e12):.1f}%" if peak else "n/a"
         lines.append(f"| {name} | {rate:.1f} | {rate / rates['ours']:.3f} | {mfu} |")
     return lines + [
@@ -231,10 +234,16 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         "deepcache": lambda: deepcache_table(size, model, device),
     }
     command = " ".join(["python benchmarks/gpu_report.py", *(sys.argv[1:] if argv is None else argv)])
-    texts = {}
+    texts, failed = {}, []
     for name in args.sections:
         begin = time.perf_counter()
-        lines = parts[name]()
+        try:
+            lines = parts[name]()
+        except Exception:  # one part failing must not cost the others: its traceback goes into its table
+            print(trace := traceback.format_exc(), file=sys.stderr)
+            lines = ["This part failed:", "", *(f"    {line}" for line in trace.splitlines())]
+        if lines[0].startswith("This part failed") or (name == "tests" and not lines[0].endswith("exit code 0")):
+            failed.append(name)
         when = f"{time.strftime('%Y-%m-%d')}, this part {time.perf_counter() - begin:.0f} s"
         texts[name] = "\n".join([f"# {TITLES[name]}: {machine(device)}", "", f"`{command}` ({when})", "", *lines])
         print(texts[name] + "\n")
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{name}_{'smoke' if args.cpu_smoke else 'gpu'}.md").write_text(texts[name] + "\n")
     print(f"gpu_report: {time.perf_counter() - started:.0f} s in all" + (f"; tables in {out}/" if out else ""))
+    if failed:
+        raise SystemExit(f"gpu_report: failed: {', '.join(failed)} (see the tables)")
     return texts
 
 

@@ -12,7 +12,9 @@ tensor here, output_type="pt", as numpy has no bf16 for the bf16-weights run.)
 from __future__ import annotations
 
 import copy
+import math
 import statistics
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -86,9 +88,15 @@ def sampling_rows(model: UNet, *, batch: int, steps: int, device: torch.device, 
     rows = []
     for name, build in [*runs.items(), *optional.items()]:
         if name in optional and not extras():  # each optional setting only while the time budget lasts
-            rows.append((f"{name}: skipped (time budget)", float("nan"), float("nan")))
+            rows.append((f"{name}: skipped (time budget)", math.nan, math.nan))
             continue
-        rows.append(_measure(name, build(), batch, device, repeats, rows[0][3] if rows else None))
+        try:
+            rows.append(_measure(name, build(), batch, device, repeats, rows[0][3] if rows else None))
+        except Exception as error:  # compile or another library failing costs its row, not the table
+            if not rows:
+                raise
+            traceback.print_exc()
+            rows.append((f"{name}: failed ({type(error).__name__}, traceback above the table)", math.nan, math.nan))
     return [row[:3] for row in rows]
 
 

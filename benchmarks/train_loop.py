@@ -5,21 +5,25 @@ per step (the resumable data stream, logging every `trainer.log_every_n_steps`, 
 the checkpoint callback's checks); validation, sample grids and checkpoint saves are pushed past the timed steps.
 A callback times steps `--warmup` + 1 .. `--warmup` + `--steps`, draining the GPU at both ends. The bare step is
 `benchmarks.train_speed.make_step` with the precision, clipping, fused Adam, EMA and compile setting the loop
-actually used (read back from the trained module), on one batch already on the device. Each round runs the loop,
-then the same number of bare steps; the table has the medians over rounds.
+actually used (read back from the trained module), on one batch already on the device. On a GPU (`--pairing
+block`) the loop's steps are timed together, then as many bare steps; on a CPU (`--pairing step`) every loop step
+is paired with one bare step of a twin network right after it, as sample_speed.py pairs calls, since other work
+on a shared CPU would otherwise land on one side only.
 
     python benchmarks/train_loop.py                                  # unet_tiny, batch 16, fp32 and bf16, CPU
-    python benchmarks/train_loop.py --rounds 3 --out benchmarks/results  # also write train_loop_cpu.md
+    python benchmarks/train_loop.py --steps 100 --threads 1 --workers 0 --out benchmarks/results  # the CPU table
     python benchmarks/train_loop.py --device cuda --model unet_cifar10 --batch 128 --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +85,38 @@ class StepClock(L.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
+class PairedClock(L.Callback):
+    """On a CPU: each of the loop's steps after the first `skip`, and right after it one bare step (make_step with
+    the loop's own settings, on a fresh copy of the run's network), each timed apart, so that a load change on a
+    shared machine hits a step and its twin alike. A loop step's time runs from the end of the previous bare step
+    to the end of this step's batch: the data, the step, the logging and every callback."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip, self.loop_times, self.bare_times = skip, [], []
+        self._bare, self._mark = None, 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
+        now = time.perf_counter()
+        if pl_module.device.type != "cpu":
+            raise ValueError("PairedClock times steps on the host, which needs a CPU run: use StepClock on a GPU")
+        if trainer.global_step > self.skip:
+            self.loop_times.append(now - self._mark)
+            self.bare_times.append(seconds(self._bare, pl_module.device))
+        elif trainer.global_step == self.skip:  # the twin: the run's network, fresh, with the loop's settings
+            shape = tuple(batch.shape[1:])
+            model = instantiate(pl_module.config["model"])
+            self._bare = make_step(model, batch=len(batch), shape=shape, device=pl_module.device,
+                                   **step_settings(pl_module))  # fmt: skip
+            seconds(self._bare, pl_module.device, 2)  # its warm-up
+        self._mark = time.perf_counter()
+
+
 # ---------------------------------------------------------------- one round: the loop, then the bare step
 
 
-def loop_config(overrides: list[str], run_dir: Path, *, warmup: int, steps: int) -> DictConfig:
-    """conf/train.yaml with `overrides`, on in-memory data, timed by a StepClock, with no validation, sample grid,
-    checkpoint save or progress bar inside the timed steps."""
+def loop_config(overrides: list[str], run_dir: Path, *, warmup: int, steps: int, pairing: str = "block") -> DictConfig:
+    """conf/train.yaml with `overrides`, on in-memory data, timed by a StepClock (pairing "block") or a PairedClock
+    ("step"), with no validation, sample grid, checkpoint save or progress bar inside the timed steps."""
     cfg = compose_config(
         "train",
         ["logger=csv", "data=synthetic", *overrides, f"trainer.max_steps={warmup + steps}",
@@ -95,9 +125,10 @@ def loop_config(overrides: list[str], run_dir: Path, *, warmup: int, steps: int)
          "callbacks.checkpoints.last_every_n_steps=1000000000", "callbacks.checkpoints.keep_every_n_steps=0"],
         run_dir,
     )  # fmt: skip
-    with open_dict(cfg):
-        cfg.data._target_ = "benchmarks.train_loop.InMemory"  # this module, also when it runs as __main__
-        cfg.callbacks.clock = {"_target_": "benchmarks.train_loop.StepClock", "skip": warmup}
+    clock = {"block": "StepClock", "step": "PairedClock"}[pairing]
+    with open_dict(cfg):  # this module's classes by their importable name, also when it runs as __main__
+        cfg.data._target_ = "benchmarks.train_loop.InMemory"
+        cfg.callbacks.clock = {"_target_": f"benchmarks.train_loop.{clock}", "skip": warmup}
     return cfg
 
 
@@ -138,31 +169,45 @@ def step_flops(model: torch.nn.Module, *, batch: int, shape: tuple[int, int, int
     return counter.get_total_flops()
 
 
-def loop_and_bare(overrides: list[str], *, warmup: int, steps: int, bare_models: dict | None = None) -> dict:
-    """One round: train(cfg) timed by StepClock, then as many bare steps of its network ("ours") and of
-    `bare_models` (name -> builder(our network) -> model, e.g. diffusers' twin) with the loop's settings.
+def loop_and_bare(overrides: list[str], *, warmup: int, steps: int, bare_models: dict | None = None,
+                  pairing: str = "block") -> dict:  # fmt: skip
+    """One round of train(cfg) and the bare step of its network ("ours") with the loop's settings.
 
-    Returns rates (images/s by "loop", "ours" and the names in bare_models), settings, models, params, device,
-    batch, shape and the number of timed steps."""
+    pairing "block" (GPUs): the loop timed by StepClock, then as many bare steps of ours and of `bare_models`
+    (name -> builder(our network) -> model, e.g. diffusers' twin). "step" (CPUs): PairedClock's step-by-step pairs;
+    rates from the median step times, and `ratios`, loop over bare images/s for each pair.
+    Returns rates (images/s by "loop", "ours" and the names in bare_models), ratios, settings, models, params,
+    device, batch, shape and the number of timed steps."""
     from train import train  # the entry point itself
 
     with tempfile.TemporaryDirectory(prefix="train_loop-") as tmp:
-        cfg = loop_config(overrides, Path(tmp), warmup=warmup, steps=steps)
+        cfg = loop_config(overrides, Path(tmp), warmup=warmup, steps=steps, pairing=pairing)
         module = train(cfg)
-        clock = next(c for c in module.trainer.callbacks if type(c).__name__ == "StepClock")
+        clock = next(c for c in module.trainer.callbacks if type(c).__name__.endswith("Clock"))
         batch = cfg.data.batch_size * module.trainer.world_size
-        rates = {"loop": clock.batches * batch / clock.seconds}
         settings, device = step_settings(module), module.device
     torch.manual_seed(cfg.seed)  # train() builds the network right after seeding: the same starting weights
     ours = instantiate(cfg.model)
-    shape = (ours.in_channels, ours.resolution, ours.resolution)
-    models = {"ours": ours, **{name: build(ours) for name, build in (bare_models or {}).items()}}
-    for name, model in models.items():  # the same number of steps as the loop timed
-        rates[name] = bare_rate(model, settings, batch=batch, shape=shape, device=device, warmup=warmup,
-                                steps=clock.batches)  # fmt: skip
+    shape, models = (ours.in_channels, ours.resolution, ours.resolution), {"ours": ours}
+    if pairing == "step":
+        loop, bare, timed = clock.loop_times, clock.bare_times, len(clock.loop_times)
+        rates = {"loop": batch / statistics.median(loop), "ours": batch / statistics.median(bare)}
+        ratios = [b / a for a, b in zip(loop, bare, strict=True)]
+    else:
+        rates, ratios, timed = {"loop": clock.batches * batch / clock.seconds}, [], clock.batches
+        models.update({name: build(ours) for name, build in (bare_models or {}).items()})
+        for name, model in models.items():  # the same number of steps as the loop timed
+            try:
+                rates[name] = bare_rate(model, settings, batch=batch, shape=shape, device=device, warmup=warmup,
+                                        steps=timed)  # fmt: skip
+            except Exception:  # another library's model (torch.compile of diffusers' UNet): a row, not the table
+                if name == "ours":
+                    raise
+                traceback.print_exc()
+                rates[name] = math.nan
     params = sum(p.numel() for p in ours.parameters())
-    return dict(rates=rates, settings=settings, models=models, params=params, device=device, batch=batch,
-                shape=shape, steps=clock.batches)  # fmt: skip
+    return dict(rates=rates, ratios=ratios, settings=settings, models=models, params=params, device=device,
+                batch=batch, shape=shape, steps=timed)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the CPU table
@@ -175,10 +220,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--pairing", choices=["step", "block"], default=None,
+                        help="step: each loop step paired with a bare one (CPU default); block: the loop's steps, "
+                        "then as many bare ones (GPU default)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="module.compile=true (and the bare step compiled)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds per precision; the table has the medians")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of train.py per precision")
     parser.add_argument("--workers", type=int, default=2, help="data.num_workers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write train_loop_<device>.md into this folder")
@@ -187,6 +235,9 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--batch, --steps, --rounds, --image-size and --warmup must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    args.pairing = args.pairing or ("step" if args.device == "cpu" else "block")
+    if args.pairing == "step" and args.device != "cpu":
+        parser.error("--pairing step times each step on the host, which needs a CPU: use --pairing block on a GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -196,27 +247,37 @@ def main(argv: list[str] | None = None) -> str:
                      f"data.num_workers={args.workers}", "data.num_images=1024", "data.num_val=8",
                      f"trainer={trainer}", f"trainer.precision={PRECISIONS[precision]}",
                      f"module.compile={str(args.compile).lower()}"]  # fmt: skip
-        rounds = [loop_and_bare(overrides, warmup=args.warmup, steps=args.steps) for _ in range(args.rounds)]
-        loop = statistics.median(r["rates"]["loop"] for r in rounds)
-        bare = statistics.median(r["rates"]["ours"] for r in rounds)
-        ratios = [r["rates"]["loop"] / r["rates"]["ours"] for r in rounds]
-        rows.append((precision, rounds[0], bare, loop, statistics.median(ratios), min(ratios), max(ratios)))
+        runs = [loop_and_bare(overrides, warmup=args.warmup, steps=args.steps, pairing=args.pairing)
+                for _ in range(args.rounds)]  # fmt: skip
+        if args.pairing == "step":  # medians over all pairs of all rounds
+            ratios = sorted(r for run in runs for r in run["ratios"])
+            loop, bare = (statistics.median(run["rates"][k] for run in runs) for k in ("loop", "ours"))
+        else:  # the least disturbed round of each: load only slows a run down
+            ratios = sorted(run["rates"]["loop"] / run["rates"]["ours"] for run in runs)
+            loop, bare = (max(run["rates"][k] for run in runs) for k in ("loop", "ours"))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        rows.append((precision, runs[0], bare, loop, quartiles))
 
     first = rows[0][1]
     settings = ", ".join(f"{k}={v}" for k, v in first["settings"].items() if k != "precision")
+    how = {
+        "step": "each loop step paired with one bare step right after it; images/s from the median step times, "
+        "the ratio as the median of the pairs' ratios",
+        "block": "the loop's steps, then as many bare steps; images/s of the fastest round of each",
+    }[args.pairing]
     lines = [
         f"# train.py's loop vs the bare step: {args.model} ({first['params']:,} params), "
         f"{args.image_size}x{args.image_size}, batch {first['batch']}, {args.device}",
         "",
-        f"Machine: {machine(first['device'])}. Settings read back from the loop: {settings}; "
-        f"{first['steps']} timed steps after {args.warmup} warm-up, {args.rounds} round(s) (medians); "
-        f"{time.perf_counter() - started:.0f} s.",
+        f"Machine: {machine(first['device'])}. The step, read back from the loop: {settings}. "
+        f"{first['steps']} timed steps after {args.warmup} warm-up, {args.rounds} run(s) of train.py per precision; "
+        f"{how}. {time.perf_counter() - started:.0f} s.",
         "",
         "    python benchmarks/train_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "",
-        "| precision | bare step, images/s | train.py loop, images/s | loop / bare (median, range over rounds) |",
-        "|---|---:|---:|---:|",
-        *(f"| {p} | {b:.1f} | {lp:.1f} | {r:.3f} ({lo:.3f} .. {hi:.3f}) |" for p, _, b, lp, r, lo, hi in rows),
+        "| precision | bare step, images/s | train.py loop, images/s | loop / bare | quartiles of loop / bare |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {p} | {b:.1f} | {lp:.1f} | {q[1]:.3f} | {q[0]:.3f} .. {q[2]:.3f} |" for p, _, b, lp, q in rows),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
