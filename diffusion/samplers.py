@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .schedule import Schedule
+from .timesteps import check_start
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -74,6 +75,7 @@ def _steps(schedule: Schedule, timesteps: Tensor | Sequence[int]) -> tuple[list[
         raise ValueError(
             f"timesteps must lie in [0, T-1] = [0, {schedule.T - 1}] for {schedule}, got {ts[-1]}..{ts[0]}"
         )
+    check_start(ts, schedule)  # the first step must be pure noise, as x_T is
     abar = schedule.alphas_cumprod.tolist() + [1.0]
     return [(t, s, abar[t], abar[s]) for t, s in zip(ts, ts[1:] + [-1], strict=True)], abar
 

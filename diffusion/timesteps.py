@@ -2,53 +2,77 @@
 
 Fewer steps is a shorter sequence, not a new process: every sampler walks the given timesteps and lands on
 clean data (t = -1) after the last one. `SPACINGS` need only T; `logsnr` needs the schedule itself, and
-`make(name, steps, schedule)` builds any of them by name (what sample.py calls).
+`make(name, steps, schedule)` builds any of them by name (what sample.py calls). The uniform spacings are integer
+arithmetic, exact for every S and T (a float stride such as arange(T, 0, -T / S) can yield S+1 steps). Every
+sampler starts from x_T ~ N(0, I), so `check_start` (called by make and by every sampler) refuses a sequence whose
+first timestep still holds signal.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import UsageError
 from .schedule import Schedule
 
-__all__ = ["leading", "linspace", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "make"]
+__all__ = ["leading", "linspace", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "make", "check_start"]
 
 
+# -------------------------------------------------------------------- the spacings
+# LEADING (issue 12). The DDIM code's k = T // S stopped `leading` far below T-1 when T/3 < S < T. On the exact
+# mixture (benchmarks/leading_spacing.py -> results/leading_spacing.md: 1000 samples, no clipping), the share of DDIM
+# (eta = 0) samples that land on another mode than 1000 DDIM steps from T-1 from the same x_T, linear / cosine:
+#   old: S = 300 (first step 897) 0.6% / 8.9%, S = 400 (798) 1.9% / 15.6%, S = 700 (699) 4.8% / 19.9%;
+#   shifted up to start at T-1: 0%, but the last step jumps from t = 201 (S = 400) to clean data: Frechet 1.48 / 1.06
+#   against 0.17; the DDIM code's range(0, T, k): 0%, with 334 / 500 / 1000 steps; trailing and floor(i T / S): 0%.
+# DDPM ranks them alike (S = 400, cosine, Frechet: old 1.76, floor 0.16). So `leading` is floor(i T / S), the DDIM
+# paper's own rule: S steps exactly, the old values wherever S divides T, the first step within one stride of T-1.
 def leading(steps: int, T: int) -> Tensor:
-    """The DDIM paper's uniform skip: 0, k, 2k, ... with k = T // steps (Song et al. 2021, appendix D.2)."""
+    """The DDIM paper's uniform skip tau_i = floor(c i), i = 0 .. S-1, with c = T / S (Song et al. 2021, app. D.2):
+    0, k, 2k, ... for k = T / S when S divides T (the DDIM code's range(0, T, k)); first step T - ceil(T / S).
+
+    The DDIM code's integer k = T // S instead stops far below T-1 when T/3 < S < T (S = 400: 798); see LEADING.
+    One step is [T-1]: the formula's [0] would ask for clean data from pure noise at t = 0.
+    """
     _check(steps, T)
-    return _descending(torch.arange(steps) * (T // steps))
+    if steps == 1:
+        return torch.tensor([T - 1])
+    return _descending(np.arange(steps) * T // steps)
 
 
 def linspace(steps: int, T: int) -> Tensor:
-    """Evenly spaced from 0 to T-1 inclusive, rounded (PNDM's and many libraries' default)."""
+    """Evenly spaced from 0 to T-1 inclusive: round(i (T-1) / (S-1)), ties to even (PNDM's and many libraries'
+    default). One step is [T-1], the end a sampler must start from."""
     _check(steps, T)
-    return _descending(torch.linspace(0, T - 1, steps, dtype=torch.float64).round())
+    if steps == 1:
+        return torch.tensor([T - 1])
+    return _descending(_round_div(np.arange(steps) * (T - 1), steps - 1))
 
 
 def trailing(steps: int, T: int) -> Tensor:
-    """Evenly spaced ending at T-1: T-1, T-1-k, ... (starts from the noisiest step; Lin et al. 2024)."""
+    """Evenly spaced ending at T-1: round(j T / S) - 1 for j = S .. 1, ties to even, i.e. T-1, T-1-k, ... for
+    k = T / S (starts from the noisiest step; Lin et al. 2024)."""
     _check(steps, T)
-    return _descending(torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1)
+    return _descending(_round_div(np.arange(1, steps + 1) * T, steps) - 1)
 
 
 def quadratic(steps: int, T: int) -> Tensor:
-    """The DDIM paper's quadratic spacing (i * sqrt(0.8 T) / (steps - 1))^2, denser at low noise (CIFAR-10).
+    """The DDIM paper's quadratic spacing floor((i sqrt(0.8 T) / (S-1))^2), denser at low noise (CIFAR-10), first
+    step floor(0.8 T) (one step: just that).
 
-    At 50+ steps the DDIM code repeats the smallest timesteps (each repeat a wasted model evaluation); here a
-    repeat is moved up to the next free integer so that every step moves.
+    At 50+ steps the floors repeat the smallest timesteps (each repeat a wasted model evaluation in the DDIM code);
+    here a repeat is moved up to the next free integer so that every step moves, which lifts the first step to S-1
+    once S > 0.8 T. Its start keeps sqrt(alpha_bar) = 0.04 of signal on the linear schedule (as in the paper), but
+    0.31 on the cosine one, where `check_start` refuses it.
     """
     _check(steps, T)
-    ts = (torch.linspace(0, math.sqrt(T * 0.8), steps, dtype=torch.float64) ** 2).floor().tolist()
-    for i in range(1, steps):
-        ts[i] = max(ts[i], ts[i - 1] + 1)
-    if ts[-1] > T - 1:
-        raise ValueError(f"quadratic spacing cannot fit {steps} distinct steps in T={T}; use fewer steps")
-    return _descending(torch.tensor(ts))
+    i = np.arange(steps)
+    floors = 4 * T * i**2 // (5 * (steps - 1) ** 2) if steps > 1 else np.array([4 * T // 5])
+    return _descending(np.maximum.accumulate(floors - i) + i)  # t_i = max(floor_i, t_{i-1} + 1)
 
 
 def logsnr(steps: int, schedule: Schedule) -> Tensor:
@@ -56,11 +80,13 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     (DPM-Solver, Lu et al. 2022).
 
     Each lambda is mapped to the nearest integer timestep (linear interpolation of lambda over t, rounded); where
-    several round to the same t (the low-noise end at many steps), they are spread to the nearest free integers.
+    several round to the same t (either end, at many steps), they are spread to the nearest free integers.
     The grid starts at the noisiest t whose beta_t is below 1/2: T-1 for the linear schedule, 996 of the cosine
     schedule at T = 1000, whose final betas (clipped at 0.999) send lambda off a cliff (-6.5 to -9.9 in one
     step). The paper stops the cosine schedule short for the same reason (t_T = 0.9946); starting at T-1 would
-    spend the first steps of a 10-step grid at 999, 998, 997, 994 and triple DPM-Solver's error there.
+    spend the first steps of a 10-step grid at 999, 998, 997, 994 and triple DPM-Solver's error there. Repeats at
+    the top are spread downwards, so the grid starts there for every S up to start + 1 (it was lifted back to 999
+    from S = 53 on the cosine schedule, where PNDM at 100 steps sent 1.9% of the mixture to another mode, 0% at 50).
     """
     T = schedule.T
     _check(steps, T)
@@ -69,13 +95,10 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     lam = (0.5 * (abar.log() - (-abar).log1p())).numpy()  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.interp(targets, lam[::-1], np.arange(start, -1, -1, dtype=np.float64)).round().astype(np.int64)
-    ts = np.sort(ts)  # ascending; move repeats up to the next free integer, then back under T-1 if needed
-    for i in range(1, steps):
-        ts[i] = max(ts[i], ts[i - 1] + 1)
-    ts[-1] = min(ts[-1], T - 1)
-    for i in range(steps - 2, -1, -1):
-        ts[i] = min(ts[i], ts[i + 1] - 1)
-    return _descending(torch.from_numpy(ts))
+    i = np.arange(steps)
+    ts = np.maximum.accumulate(np.sort(ts) - i) + i  # ascending; each repeat moved up to the next free integer,
+    ts = np.minimum(ts, max(start, steps - 1) - (steps - 1) + i)  # then the top ones back down to `start`
+    return _descending(ts)
 
 
 SPACINGS = {"leading": leading, "linspace": linspace, "trailing": trailing, "quadratic": quadratic}
@@ -83,16 +106,66 @@ NAMES = (*SPACINGS, "logsnr")
 
 
 def make(spacing: str, steps: int, schedule: Schedule) -> Tensor:
-    """The spacing named `spacing` (one of NAMES) with `steps` steps for `schedule`."""
+    """The spacing named `spacing` (one of NAMES) with `steps` steps for `schedule`, checked by `check_start`."""
     if spacing == "logsnr":
-        return logsnr(steps, schedule)
-    if spacing not in SPACINGS:
+        ts = logsnr(steps, schedule)
+    elif spacing in SPACINGS:
+        ts = SPACINGS[spacing](steps, schedule.T)
+    else:
         raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(NAMES)}")
-    return SPACINGS[spacing](steps, schedule.T)
+    check_start(ts, schedule, spacing)
+    return ts
 
 
-def _descending(ts: Tensor) -> Tensor:
-    return ts.to(torch.int64).sort(descending=True).values
+# -------------------------------------------------------------------- the start: pure noise
+START_SIGNAL = 0.05  # sqrt(alpha_bar) a first step may keep beyond the schedule's own at T-1; see check_start
+
+
+def check_start(timesteps: Tensor | Sequence[int], schedule: Schedule, spacing: str | None = None) -> None:
+    """Refuse a sequence whose first timestep t0 is not pure noise: every sampler starts from x_T ~ N(0, I).
+
+    Accepted when sqrt(abar[t0]) <= sqrt(abar[T-1]) + START_SIGNAL, or when the skipped top is no longer than the
+    first step (T-1 - t0 <= t0 - t1). Started at t0 and stepped through every integer, DDIM sends 0.7%, 1.9%, 4.7%,
+    9% of the mixture's samples to another mode at sqrt(abar[t0]) = 0.02, 0.04, 0.08, 0.16, on either schedule
+    (results/leading_spacing.md): 0.05 admits the DDIM paper's quadratic spacing on the linear schedule (0.039; the
+    best Frechet distance at 10 steps there) and refuses it on the cosine one (0.31: 15% at every step count). The
+    stride clause admits coarse grids such as 10 `leading` steps on the cosine schedule (900: 0.15), which PNDM
+    needs there (it diverges from T-1), and the schedule's own end admits toy schedules that never reach noise.
+    To start at t0 on purpose (from an x that is x_t0, e.g. SDEdit), pass the schedule cut there,
+    Schedule(schedule.betas[: t0 + 1]): the visited alpha_bar are the same.
+    """
+    if len(timesteps) == 0:
+        raise ValueError("timesteps must hold at least one step")
+    head = [int(t) for t in timesteps[:2]]
+    t0, T = head[0], schedule.T
+    first, end = float(schedule.alphas_cumprod[t0]) ** 0.5, float(schedule.alphas_cumprod[T - 1]) ** 0.5
+    stride = t0 - head[1] if len(head) > 1 else 0
+    if first <= end + START_SIGNAL or T - 1 - t0 <= stride:
+        return
+    n = len(timesteps)
+    if spacing:
+        what = f"the {spacing} spacing with {n} steps starts"
+    else:
+        what = f"these {n} timesteps start" if n > 1 else "a single timestep starts"
+    why = " (it starts at 0.8 T by definition, made for the linear schedule)" if spacing == "quadratic" else ""
+    raise UsageError(
+        f"{what} at t={t0} of T={T}, where sqrt(alpha_bar)={first:.3f} ({schedule}; {end:.3f} at T-1), "
+        f"but every sampler starts from pure noise N(0, I), which lacks that signal{why}: use spacing=trailing, "
+        f"linspace or logsnr (they start at the noisy end), or timesteps starting within one step of T-1; to start "
+        f"at t={t0} on purpose, from an x at that noise level, pass the schedule cut there: "
+        f"Schedule(schedule.betas[: t0 + 1])"
+    )
+
+
+# -------------------------------------------------------------------- integer helpers
+def _round_div(a: np.ndarray, b: int) -> np.ndarray:
+    """round(a / b) for integers a >= 0 and b > 0, ties to even (as Python's and numpy's round), exactly."""
+    q, r = np.divmod(a, b)
+    return q + ((2 * r > b) | ((2 * r == b) & (q % 2 == 1)))
+
+
+def _descending(ts: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.sort(ts)[::-1].astype(np.int64))
 
 
 def _check(steps: int, T: int) -> None:
