@@ -109,8 +109,12 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
 
 
 def finish_wandb() -> None:
-    """Close this process's W&B run, if any, so its files are complete when train() returns, not at exit."""
+    """Close this process's W&B run, if any, so its files are complete when train() returns, not at exit.
+
+    `finish` alone can return while wandb's service process is still writing the run's file (seen with a second
+    run in one process under load); `teardown` waits for the service and stops it (the next run starts a new one)."""
     import wandb as wandb_sdk
 
     if wandb_sdk.run is not None:
         wandb_sdk.finish()
+        wandb_sdk.teardown()
