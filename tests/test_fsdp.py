@@ -40,6 +40,7 @@ FOUR_STEPS = [
     "module.warmup_steps=1",
     "module.ema_decay=0.9",
     "optim.lr=1e-3",
+    "data.num_val=1",  # fewer validation images than ranks: every rank must still get a batch, or DDP hangs
 ]
 
 
@@ -86,7 +87,9 @@ def test_sharded_run_checkpoints_whole_weights_resumes_and_matches_ddp(tmp_path)
     """Four sharded steps with clipping and EMA; resumed from step 2 sharded, and unsharded under DDP: the same run.
 
     DDP all-reduces whole gradients, FSDP reduce-scatters shards and computes the clipping norm across them, so
-    equal losses, gradient norms and weights mean the sharded step is the data-parallel step."""
+    equal losses, gradient norms and weights mean the sharded step is the data-parallel step. The resumed runs match
+    only if every rank got its own random state back (rank 1 drawing rank 0's t and noise would change the step);
+    the one validation image shared by two ranks checks that validation cannot stall a multi-process run."""
     straight = tmp_path / "fsdp"
     train_script(straight, "trainer=cpu_fsdp")
     ckpt = checkpoints.load(straight / "checkpoints" / "last.ckpt")
@@ -108,6 +111,9 @@ def test_sharded_run_checkpoints_whole_weights_resumes_and_matches_ddp(tmp_path)
 
     kept = straight / "checkpoints" / "step_0000002.ckpt"
     assert checkpoints.load(kept)["global_step"] == 2
+    rng = checkpoints.load(kept)["rng_states"]["cpu"]
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own state, restored by each rank
+    assert len(metrics(straight, "val/loss")) == 2  # validated at steps 2 and 4 with one image for two ranks
     train_script(tmp_path / "resumed", "trainer=cpu_fsdp", f"resume={kept}")
     assert_same_steps(straight, tmp_path / "resumed", [3, 4], rtol=1e-5)
     train_script(tmp_path / "ddp", "trainer=cpu_ddp", f"resume={kept}")

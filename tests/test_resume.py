@@ -1,6 +1,6 @@
 """Resume continues the same run: the checkpoint's config is the base, overrides that would change the run are refused,
-harmless ones are applied and printed, a killed save's temporaries are cleaned, and under DDP every rank gets its own
-random state back."""
+harmless ones are applied and printed, and a killed save's temporaries are cleaned. Under two processes every rank gets
+its own random state back: tests/test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion import checkpoints, resume
+from diffusion import resume
 from diffusion.errors import UsageError
 from train import train
 
-from .conftest import ROOT, TINY_RUN, compose_config
-from .test_train import script, train_losses
+from .conftest import TINY_RUN, compose_config
+from .test_train import train_losses
 
 NO_EXPERIMENT = [o for o in TINY_RUN if not o.startswith(("experiment=", "model.", "data."))] + ["data.num_workers=0"]
 
@@ -101,28 +101,6 @@ def test_resume_without_the_experiment_trains_on_like_an_uninterrupted_run(tmp_p
     assert sorted(b) == [4, 5, 6] and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in b)
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
-
-
-@pytest.mark.slow
-def test_ddp_ranks_resume_their_own_random_state(tmp_path):
-    """Two CPU processes: each rank saves and restores its own RNG state, so after a resume the ranks still draw
-    different t and noise, and the resumed run ends where the uninterrupted one does."""
-    tiny = [o for o in TINY_RUN if not o.startswith("~")] + ["~callbacks.progress", "trainer=cpu_ddp"]
-    for name, extra in (("straight", []), ("first", ["trainer.max_steps=3"])):
-        result = script("train.py", *tiny, *extra, f"hydra.run.dir={tmp_path / name}", cwd=ROOT)
-        assert result.returncode == 0, result.stderr[-3000:]
-    first = checkpoints.load(tmp_path / "first" / "checkpoints" / "last.ckpt")
-    rng = first["rng_states"]["cpu"]
-    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # two ranks, two different states
-    resumed_ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    result = script("train.py", *tiny, f"resume={resumed_ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = checkpoints.load(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 6
-    for key, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    assert not torch.equal(b["rng_states"]["cpu"][0], b["rng_states"]["cpu"][1])
 
 
 def dead_pid() -> int:

@@ -150,14 +150,13 @@ def test_a_folder_with_samples_is_refused_and_overwrite_removes_them_first(ckpt,
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000.png", "000001.png"]  # no stale PNGs
 
 
-def test_missing_corrupt_and_foreign_checkpoints_are_one_line(tmp_path):
+def test_a_bad_checkpoint_is_one_line(tmp_path):
+    """One process for the path from the command line to the message; the kinds of bad file (missing, corrupt,
+    foreign, pickled code) are told apart by checkpoints.load: tests/test_training.py."""
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
-    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.ckpt")
-    for name, message in [("nope.ckpt", "no checkpoint at"), ("corrupt.ckpt", "cannot read"),
-                          ("foreign.ckpt", "not a checkpoint of this project")]:  # fmt: skip
-        result = script("sample.py", f"ckpt={tmp_path / name}", f"hydra.run.dir={tmp_path / 'out'}")
-        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
-        assert "Traceback" not in result.stderr
+    result = script("sample.py", f"ckpt={tmp_path / 'corrupt.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 1 and "cannot read" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_unknown_sampler_lists_the_choices(tmp_path):
