@@ -24,6 +24,7 @@ from diffusion import checkpoints, inception
 from train import train
 
 from .conftest import ROOT, TINY_RUN, compose_config
+from .test_fsdp import metrics
 from .test_sample import SAMPLERS, draw
 from .test_train import train_losses
 
@@ -104,6 +105,19 @@ def test_a_gpu_run_trains_in_bf16_with_fused_adam_clipping_and_ema(compile, tmp_
     x, t = torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([0, 999], device="cuda")
     with torch.no_grad():
         assert torch.isfinite(model(x, t)).all()
+
+
+def test_fp16_with_its_grad_scaler_trains_with_fused_adam_and_clipping(tmp_path):
+    """16-mixed is the one path the CPU cannot walk (Lightning runs bf16 there instead): the GradScaler's scaled
+    gradients are clipped at a scaled threshold and fused Adam unscales them itself. Overflow steps the scaler skips
+    are counted as skipped; the run must still end finite, with the clipped norm reported unscaled."""
+    module = train(gpu_config(tmp_path, "trainer.precision=16-mixed", "module.warmup_steps=1"))
+    assert module.trainer.precision == "16-mixed" and module.trainer.optimizers[0].defaults.get("fused") is True
+    assert module.global_step == 6 and module.skipped_steps < 6
+    norms = {k: v for k, v in metrics(tmp_path, "train/grad_norm").items() if math.isfinite(v)}
+    assert norms and all(0 < v < 1e3 for v in norms.values()), norms  # unscaled: not multiplied by 2**16
+    ckpt = checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
 def test_resume_on_the_gpu_continues_like_an_uninterrupted_run(tmp_path):
