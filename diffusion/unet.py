@@ -252,7 +252,7 @@ def _check_args(
 ) -> None:
     if in_channels < 1 or out_channels < 1:
         raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
-    if norm_groups < 1 or ch % norm_groups:
+    if ch < 1 or norm_groups < 1 or ch % norm_groups:
         raise ValueError(f"ch={ch} must be a positive multiple of norm_groups={norm_groups} (GroupNorm's groups)")
     if not ch_mult or min(ch_mult) < 1:
         raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")

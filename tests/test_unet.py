@@ -233,6 +233,8 @@ def test_shallow_pass_around_a_cached_deep_feature_equals_forward(i, j):
     [
         ({"resolution": 30}, r"multiple of 2\*\*\(len\(ch_mult\) - 1\) = 8"),
         ({"ch": 48}, r"ch=48 must be a positive multiple of norm_groups=32"),
+        ({"ch": 0}, r"ch=0 must be a positive multiple of norm_groups=32"),
+        ({"ch": -32}, r"ch=-32 must be a positive multiple"),
         ({"attn_resolutions": (16, 12)}, r"\[12\] never occur.*\[32, 16, 8, 4\]"),
         ({"ch_mult": ()}, r"ch_mult must be a non-empty"),
         ({"num_res_blocks": 0}, r"num_res_blocks must be >= 1"),
