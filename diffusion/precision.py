@@ -2,8 +2,9 @@
 
 They are decided together because they interact: Lightning refuses to clip for an optimizer that unscales its own
 gradients (fused Adam under a GradScaler), and FSDP refuses Lightning's norm clipping. So the module clips by itself
-(`DiffusionModule.clip_and_check`, which knows the GradScaler and FSDP), Lightning's own clipping stays off, and an
-optimizer is fused wherever torch has a fused kernel for the device, CPU included: the CPU tests walk the GPU path.
+(`DiffusionModule.clip_and_check`, which knows the GradScaler's scale and FSDP2's sharded gradients), Lightning's
+own clipping stays off, and an optimizer is fused wherever torch has a fused kernel for the device, CPU included:
+the CPU tests walk the GPU path.
 """
 
 from __future__ import annotations

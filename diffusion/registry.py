@@ -24,7 +24,7 @@ from .schedule import cosine, linear, quadratic, sigmoid
 from .synthetic import Mixture, Synthetic
 from .unet import UNet
 
-__all__ = ["REGISTRY", "UnsafeConfigError", "build", "check"]
+__all__ = ["REGISTRY", "UnsafeConfigError", "build", "check", "check_plain", "is_plain"]
 
 # kind -> {the `_target_` conf/ writes: the object it builds}
 REGISTRY: dict[str, dict[str, Callable]] = {
@@ -106,14 +106,24 @@ def check(kind: str, config: Mapping, *, where: str | None = None) -> dict:
         keys = ", ".join(f"{where}.{k}" for k in unknown)
         raise UnsafeConfigError(f"{keys}: not a parameter of {target}, which takes {', '.join(parameters)}")
     for key, value in arguments.items():
-        _check_value(value, f"{where}.{key}")
+        check_plain(value, f"{where}.{key}")
     missing = [k for k, p in parameters.items() if p.default is inspect.Parameter.empty and k not in arguments]
     if missing:
         raise UnsafeConfigError(f"{where} lacks {', '.join(missing)}, which {target} needs")
     return copy.deepcopy(arguments)  # plain values only, so the copy runs no code
 
 
-def _check_value(value: Any, where: str, depth: int = 0) -> None:
+def is_plain(value: Any) -> bool:
+    """True for the values a config read from a file may hold (see check_plain)."""
+    try:
+        check_plain(value, "value")
+    except UnsafeConfigError:
+        return False
+    return True
+
+
+def check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse, naming `where`, anything but None, bool, int, float, str and (nested, numbers only) lists of them."""
     if type(value) in SCALARS:
         if depth >= 2 and type(value) not in NUMBERS:
             raise UnsafeConfigError(f"{where} is a {type(value).__name__} in a nested list: only numbers nest")
@@ -125,7 +135,7 @@ def _check_value(value: Any, where: str, depth: int = 0) -> None:
     if depth >= MAX_DEPTH:
         raise UnsafeConfigError(f"{where} nests lists {MAX_DEPTH} deep: arguments must be {PLAIN}")
     for i, item in enumerate(value):
-        _check_value(item, f"{where}[{i}]", depth + 1)
+        check_plain(item, f"{where}[{i}]", depth + 1)
 
 
 def _parameters(builder: Callable, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:

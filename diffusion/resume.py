@@ -23,7 +23,6 @@ RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed")
 REGISTRY_KINDS = ("model", "schedule", "data", "optim")
 CHANGEABLE = {"data.num_workers", "data.root", "data.download", "module.compile", "module.max_bad_steps"}
 NEVER_FROM_CHECKPOINT = {"paths", "resume", "run_id", "run_name", "hydra"}
-PLAIN = (bool, int, float, str, type(None))
 
 
 def command_line_overrides() -> list[str] | None:
@@ -43,16 +42,16 @@ def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | 
         raise UsageError("the checkpoint's config is not a mapping: it was not written by train.py")
     explicit = _explicit(overrides)
     notes, conflicts = [], []
+    today = OmegaConf.to_container(cfg, resolve=True)  # before any section is replaced
     with open_dict(cfg):
         for section in RUN_DEFINING:
             if section not in saved:
                 raise UsageError(f"the checkpoint's config has no '{section}': it was not written by train.py")
             if section in REGISTRY_KINDS:
                 registry.check(section, saved[section], where=f"checkpoint config {section}")
-            elif not _plain(saved[section], nested=True):
-                raise UsageError(f"the checkpoint's config {section} holds values other than numbers and strings")
-            today = OmegaConf.to_container(cfg, resolve=True).get(section)
-            for key, ours, theirs in _differences(section, today, saved[section]):
+            else:
+                _check_plain_section(section, saved[section])
+            for key, ours, theirs in _differences(section, today.get(section), saved[section]):
                 if key in CHANGEABLE and explicit(key):
                     notes.append(f"{key}: {_show(ours)} (command line; the run had {_show(theirs)})")
                 elif explicit(key):
@@ -90,10 +89,10 @@ def _settings_to_continue(cfg: DictConfig, saved: dict[str, Any]) -> Iterator[tu
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if name.startswith("_") or not isinstance(node, DictConfig) or name not in node:
                 continue
-            if OmegaConf.is_interpolation(node, name) or not _plain(theirs):
+            if OmegaConf.is_interpolation(node, name) or not registry.is_plain(theirs):
                 continue
             ours = node[name]
-            if _plain(ours) and ours != theirs:
+            if registry.is_plain(ours) and ours != theirs:
                 yield key, ours, theirs
 
 
@@ -114,12 +113,14 @@ def _leaves(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
         yield prefix, value
 
 
-def _plain(value: Any, nested: bool = False) -> bool:
-    if isinstance(value, list | tuple):
-        return all(_plain(v) for v in value)
-    if nested and isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v, nested=True) for k, v in value.items())
-    return isinstance(value, PLAIN)
+def _check_plain_section(section: str, value: Any) -> None:
+    """A section outside the registry (module: numbers and flags; seed) holds plain values only."""
+    where = f"checkpoint config {section}"
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            registry.check_plain(inner, f"{where}.{key}")
+    else:
+        registry.check_plain(value, where)
 
 
 def _explicit(overrides: list[str] | None) -> Callable[[str], bool]:
