@@ -36,11 +36,13 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
             raise UsageError("fid=true needs fid_ref=PATH.npz (mu, sigma) or a checkpoint that knows its dataset")
         ts = timesteps.make(cfg.spacing, cfg.steps, schedule)
         sampler, shape = instantiate(cfg.sampler), (model.in_channels, model.resolution, model.resolution)
-        try:  # the options' own checks: the sampler's on one zero pixel, DeepCache's against this UNet
+        group = "sampler"
+        try:  # the options' own checks: the sampler's on one zero pixel, Skip-Tuning's and DeepCache's on this UNet
             sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
-            net = instantiate(cfg.cache)(model, timesteps=ts) if cfg.cache else model
+            group, net = "skip", instantiate(cfg.skip)(model) if cfg.skip else model
+            group, net = "cache", instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
         except ValueError as error:
-            raise UsageError(f"{'cache' if cfg.cache else 'sampler'} options: {error}") from error
+            raise UsageError(f"{group} options: {error}") from error
         if PRECISIONS[cfg.precision] is not None:
             net = Autocast(net, PRECISIONS[cfg.precision])
         out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
@@ -103,8 +105,9 @@ def _nonfinite_message(cfg: DictConfig, n: int) -> str:
 
 def _describe(cfg: DictConfig) -> str:
     name = cfg.sampler._target_.rsplit(".", 1)[-1]
+    skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
-    return f"{name}{cache}, {cfg.steps} {cfg.spacing} steps"
+    return f"{name}{skip}{cache}, {cfg.steps} {cfg.spacing} steps"
 
 
 def _fid(cfg: DictConfig, samples: Path, trained: dict) -> dict:

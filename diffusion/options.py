@@ -57,7 +57,8 @@ def check_options(cfg: Mapping, world_size: int = 1) -> None:
         problems.append(
             "fid=true with pretrained=: a diffusers folder does not name its dataset; pass fid_ref=PATH.npz"
         )
-    problems += _keyword_problems("sampler", cfg.get("sampler")) + _keyword_problems("cache", cfg.get("cache"))
+    for group in ("sampler", "skip", "cache"):
+        problems += _keyword_problems(group, cfg.get(group))
     if problems:
         raise UsageError("; ".join(problems))
 
