@@ -3,16 +3,21 @@
 A full call runs the whole UNet and keeps the deep feature that enters the up path at one skip branch: the
 output of the previous up block, before its concatenation with that branch's skip (Sec. 3.2). A cached call
 runs only the shallow blocks, the down blocks up to the branch and the up blocks from it on, with the kept
-feature standing in for everything deeper. Which steps are full (Sec. 3.3): every N-th (uniform 1:N), or
-steps clustered around a centre step by a power law (non-uniform 1:N).
+feature standing in for everything deeper. Which steps are full (Sec. 3.3), `schedule=`: `uniform`, every N-th
+(uniform 1:N); `nonuniform`, steps packed around a centre step by a power law in real arithmetic (our reading
+of the paper's non-uniform 1:N); `official`, the official code's non-uniform rule reproduced exactly
+(`official_steps`: complex roots, truncation, a search over the power).
 
-Branches, numbered from 0 as in the paper's DDPM code. The skip stack is conv_in, then for each level its
-`num_res_blocks` (n) block outputs and its downsample. Branch b is level b // (n + 1), position b % (n + 1),
-where position n is the level's downsample; valid branches are 0 .. L (n + 1) - 2 for L levels. The default,
-b = n - 1 (1 for the DDPM UNets), caches everything below the first resolution level: a cached call runs only
-the full-resolution blocks. Its MACs ratios, 1.47 / 1.71 / 2.05 / 2.36 at N = 2 / 3 / 5 / 10 for the CIFAR-10
-UNet, are the paper's CIFAR-10 figures (1.47 / 1.72 / 2.03 / 2.32); b = n, the level's downsample, also reruns a
-16x16 up block with attention and saves less (1.30 / 1.43 / 1.57 / 1.70).
+Branches are numbered from 0 exactly as the official DDPM code's `--branch` (horseee/DeepCache,
+`ddpm/models/deepcache_diffusion.py`: level b // 3, block b % 3, block 2 the downsample; its 3 is our n + 1 for
+the DDPM UNets' n = 2, the only n that code handles): the official `--branch 2` is our `branch=2`. The skip
+stack is conv_in, then for each level its `num_res_blocks` (n) block outputs and its downsample. Branch b is
+level b // (n + 1), position b % (n + 1), where position n is the level's downsample; valid branches are
+0 .. L (n + 1) - 2 for L levels. The default, b = n - 1 (1 for the DDPM UNets), caches everything below the
+first resolution level: a cached call runs only the full-resolution blocks. Its MACs ratios, 1.47 / 1.71 / 2.05
+/ 2.36 at N = 2 / 3 / 5 / 10 for the CIFAR-10 UNet, are the paper's CIFAR-10 figures (1.47 / 1.72 / 2.03 /
+2.32). b = n (2), the official README's CIFAR-10 choice, is the level's downsample: it also reruns a 16x16 up
+block with attention and saves less (1.30 / 1.43 / 1.57 / 1.70).
 Down block (level, j) pairs with up block (level, n - 1 - j); the downsample of level l with up block (l + 1, n).
 
 The wrapper is a `model(x, t) -> eps` that no sampler needs to know about. It is told the sampling timesteps
@@ -27,12 +32,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .unet import Attention, UNet
 
-__all__ = ["DeepCache", "uniform_steps", "nonuniform_steps", "count_macs", "cached_cost", "macs_speedup"]
+__all__ = [
+    "DeepCache",
+    "SCHEDULES",
+    "uniform_steps",
+    "nonuniform_steps",
+    "official_steps",
+    "count_macs",
+    "cached_cost",
+    "macs_speedup",
+]
+
+SCHEDULES = ("uniform", "nonuniform", "official")
 
 
 # ---------------------------------------------------------------- which steps are full (Sec. 3.3)
@@ -60,6 +77,40 @@ def nonuniform_steps(steps: int, interval: int, center: float = 0.5, power: floa
     return sorted({min(round(c + math.copysign(abs(v) ** power, v)), steps - 1) for v in ls})
 
 
+def official_steps(steps: int, interval: int, center: int, pow: float) -> list[int]:
+    """Full-step indices of the official DeepCache code's non-uniform 1:N rule (its `sample_from_quad_center`).
+
+    k = ceil(steps / N) full steps around the centre step c = `center` with exponent p = `pow`: k + 1 points
+    evenly spaced from (-c)^(1/p), the principal complex root, to (steps - c)^(1/p); each raised to the power p,
+    its real part truncated toward zero; of the distinct values the smallest and the largest dropped, c added,
+    and step 0 put in front. While that gives other than k steps, p is lowered by 0.02 (as long as p > 1). For
+    c = steps / 2 the values are odd about c, so truncation merges the pair closest to c when k is odd and the
+    pair lies within 1 of it: no p then works (e.g. N = 2, steps = 6, 10, 14, ...) and we raise where the
+    official DDPM code would go on with fewer full steps. N = 1 gives every step, as in the official SD code.
+    """
+    _check_schedule(steps, interval)
+    if isinstance(center, bool) or not isinstance(center, int) or not 0 <= center <= steps:
+        raise ValueError(f"center={center!r} must be a step index in 0..{steps} (the official --center)")
+    if not pow > 1:
+        raise ValueError(f"pow={pow} must be > 1: the official rule lowers it in steps of 0.02 while it stays > 1")
+    k = -(-steps // interval)
+    if interval == 1:
+        return list(range(steps))
+    p = pow
+    while p > 1:  # the same float sequence as the official loop: p, p - 0.02, (p - 0.02) - 0.02, ...
+        ends = (-center) ** (1 / p), (steps - center) ** (1 / p)  # complex for c > 0: (-c)^(1/p) = c^(1/p) e^(i pi/p)
+        values = np.real(np.linspace(*ends, k + 1) ** p).astype(np.int32)  # int32 of a complex: real part, truncated
+        full = [0] + [int(v) + center for v in np.unique(values)[1:-1]]
+        if len(full) == k:
+            return full
+        p -= 0.02
+    raise ValueError(
+        f"the official non-uniform rule finds no power in (1, {pow}] that gives exactly {k} full steps among "
+        f"{steps} at interval {interval} around step {center}: move the centre, change the interval or the steps, "
+        "or use schedule=nonuniform"
+    )
+
+
 def _check_schedule(steps: int, interval: int) -> None:
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"interval={interval!r} must be an int >= 1: one full step, then interval - 1 cached ones")
@@ -85,7 +136,10 @@ class DeepCache(nn.Module):
         timesteps: the sampler's descending timesteps; or pass them later to `plan`.
         interval: N of the paper's 1:N; 1 is exactly the plain model.
         branch: the skip branch to cache at (see the module docstring); None: below the first resolution level.
-        uniform: full steps every N-th (True) or the non-uniform schedule (False, with `center` and `power`).
+        schedule: which steps are full: "uniform" (every N-th), "nonuniform" (`nonuniform_steps`) or "official"
+            (`official_steps`, at the centre step round(center * steps) and pow = `power`).
+        center, power: the centre as a fraction of the steps, and the exponent, of the two non-uniform rules.
+        uniform: replaced by `schedule`; refused with the translation, so an old config fails loudly.
     """
 
     def __init__(
@@ -95,16 +149,26 @@ class DeepCache(nn.Module):
         *,
         interval: int = 3,
         branch: int | None = None,
-        uniform: bool = True,
+        schedule: str = "uniform",
         center: float = 0.5,
         power: float = 1.4,
+        uniform: bool | None = None,
     ) -> None:
         super().__init__()
         if not all(hasattr(model, a) for a in ("embed", "conv_in", "down_level", "mid", "up_level", "head")):
             raise ValueError(f"DeepCache wraps a diffusion.unet.UNet (it runs the UNet's levels), got {type(model)}")
+        if uniform is not None:
+            raise ValueError(
+                f"uniform={uniform} is replaced by schedule: use schedule=uniform for uniform=true, "
+                "schedule=nonuniform for uniform=false (or schedule=official, the official code's non-uniform rule)"
+            )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not a schedule of full steps: choose one of {SCHEDULES}")
         _check_schedule(1, interval)
         _check_power_rule(center, power)
-        self.model, self.interval, self.uniform, self.center, self.power = model, interval, uniform, center, power
+        if schedule == "official" and not power > 1:
+            raise ValueError(f"power={power} must be > 1 for schedule=official (its search lowers it while > 1)")
+        self.model, self.interval, self.schedule, self.center, self.power = model, interval, schedule, center, power
         self.branch, self._down, self._up = _locate(model, branch)
         self.full_calls = self.shallow_calls = 0
         self.timesteps: list[int] | None = None
@@ -119,11 +183,18 @@ class DeepCache(nn.Module):
         ts = [int(t) for t in torch.as_tensor(timesteps).flatten()]
         if not ts or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
             raise ValueError(f"timesteps must be a non-empty, strictly descending sequence, got {ts[:8]}...")
-        pick = uniform_steps if self.uniform else lambda s, n: nonuniform_steps(s, n, self.center, self.power)
-        self.timesteps, self.full_steps = ts, pick(len(ts), self.interval)
+        self.timesteps, self.full_steps = ts, self.pick(len(ts))
         self._full_t = {ts[i] for i in self.full_steps}
         self.reset()
         return self
+
+    def pick(self, steps: int) -> list[int]:
+        """Indices of the full steps among `steps` sampling steps, by this wrapper's schedule."""
+        if self.schedule == "uniform":
+            return uniform_steps(steps, self.interval)
+        if self.schedule == "nonuniform":
+            return nonuniform_steps(steps, self.interval, self.center, self.power)
+        return official_steps(steps, self.interval, round(self.center * steps), self.power)
 
     def reset(self) -> None:
         """Forget the cached feature: the next call is full. The call counters keep counting."""
@@ -197,8 +268,8 @@ class DeepCache(nn.Module):
         return m.head(h)
 
     def extra_repr(self) -> str:
-        schedule = "uniform" if self.uniform else f"non-uniform, center={self.center}, power={self.power}"
-        return f"interval={self.interval}, branch={self.branch} (level, position {self._down}), {schedule}"
+        shape = "" if self.schedule == "uniform" else f", center={self.center}, power={self.power}"
+        return f"interval={self.interval}, branch={self.branch} (level, position {self._down}), {self.schedule}{shape}"
 
 
 def _locate(model: UNet, branch: int | None) -> tuple[int, tuple[int, int], tuple[int, int]]:

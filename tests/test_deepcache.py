@@ -1,5 +1,6 @@
 """DeepCache: exact at interval 1 under real samplers, skips exactly the blocks deeper than the branch, follows
-its schedule of full steps, keeps the exact deep feature, never reuses a stale cache, counts MACs right."""
+its schedule of full steps (the official non-uniform rule checked against hand-computed cases), caches the block
+the official --branch names, keeps the exact deep feature, never reuses a stale cache, counts MACs right."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache, cached_cost, count_macs, macs_speedup, nonuniform_steps, uniform_steps
+from diffusion.deepcache import (
+    DeepCache,
+    cached_cost,
+    count_macs,
+    macs_speedup,
+    nonuniform_steps,
+    official_steps,
+    uniform_steps,
+)
 from diffusion.unet import UNet
 
 from .conftest import compose_config
@@ -93,10 +102,10 @@ def shallow_blocks(branch: int, levels: int = 3, n: int = 2) -> set:
 # ---------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("uniform", [True, False])
-def test_interval_one_is_the_plain_unet_bit_for_bit_under_ddim(unet, uniform):
+@pytest.mark.parametrize("schedule", ["uniform", "nonuniform", "official"])
+def test_interval_one_is_the_plain_unet_bit_for_bit_under_ddim(unet, schedule):
     ts = timesteps.leading(6, SCHED.T)
-    cache = DeepCache(unet, ts, interval=1, uniform=uniform)
+    cache = DeepCache(unet, ts, interval=1, schedule=schedule)
     plain = samplers.ddim(unet, noise(), SCHED, ts)
     assert torch.equal(samplers.ddim(cache, noise(), SCHED, ts), plain)
     assert (cache.full_calls, cache.shallow_calls) == (6, 0)
@@ -139,10 +148,13 @@ def test_cached_calls_skip_exactly_the_blocks_deeper_than_the_branch(hooked, bra
     assert "mid" not in kinds[1] and len(kinds[1]) < len(every)
 
 
-@pytest.mark.parametrize("interval, uniform, steps", [(3, True, 8), (4, True, 9), (2, False, 10), (3, False, 12)])
-def test_full_calls_follow_the_schedule_under_ddim(hooked, interval, uniform, steps):
+@pytest.mark.parametrize(
+    "interval, schedule, steps",
+    [(3, "uniform", 8), (4, "uniform", 9), (2, "nonuniform", 10), (3, "nonuniform", 12), (3, "official", 12)],
+)
+def test_full_calls_follow_the_schedule_under_ddim(hooked, interval, schedule, steps):
     (model, ran, _), ts = hooked, timesteps.leading(steps, SCHED.T)
-    cache, full = DeepCache(model, ts, interval=interval, uniform=uniform), []
+    cache, full = DeepCache(model, ts, interval=interval, schedule=schedule), []
     ran.clear()
 
     def watched(x, t):  # which calls ran the middle block: the full ones
@@ -152,7 +164,11 @@ def test_full_calls_follow_the_schedule_under_ddim(hooked, interval, uniform, st
         return eps
 
     samplers.ddim(watched, noise(), SCHED, ts)
-    expected = list(range(0, steps, interval)) if uniform else nonuniform_steps(steps, interval)
+    expected = {
+        "uniform": lambda: list(range(0, steps, interval)),
+        "nonuniform": lambda: nonuniform_steps(steps, interval),
+        "official": lambda: official_steps(steps, interval, steps // 2, 1.4),  # centre 0.5 of an even step count
+    }[schedule]()
     assert [i for i, f in enumerate(full) if f] == expected == cache.full_steps
     assert (cache.full_calls, cache.shallow_calls) == (len(expected), steps - len(expected))
 
@@ -193,6 +209,132 @@ def test_power_one_spreads_the_full_steps_evenly():
     assert uniform_steps(10, 3) == [0, 3, 6, 9]
 
 
+# ---------------------------------------------------------------- the official non-uniform rule, by hand
+# The official rule (horseee/DeepCache, ddpm/functions/deepcache_denoising.py, sample_from_quad_center): k = ceil(S/N);
+# points x_j = a (1 - j/k) + b j/k, j = 0..k, with a = (-c)^(1/p) = c^(1/p) e^(i pi/p) (principal root) and
+# b = (S - c)^(1/p); v_j = int(Re x_j^p), truncated toward zero; distinct v sorted, first and last dropped, + c, and
+# 0 in front; if that is not k steps, p -= 0.02 and again. Re x^p = |x|^p cos(p arg x). v_0 = -c and v_k = S - c up
+# to rounding (int may give -c + 1 or S - c - 1): both are dropped anyway. With c = S/2, x_(k-j) = e^(i pi/p) conj(x_j),
+# so v_(k-j) = -v_j before truncation: the values are odd about c.
+
+
+@pytest.mark.parametrize(
+    "steps, interval, center, power, expected",
+    [
+        # S=10, N=3: k=4. c=5, p=1.4: a = 5^0.714 e^(2.244 i) = -1.968 + 2.468i, b = 3.157.
+        # x_1 = .75a + .25b = -0.687 + 1.851i: |x| 1.974, arg 1.926 -> 1.974^1.4 cos(2.697) = 2.592 * -0.903
+        # = -2.34 -> -2
+        # x_2 = (a + b)/2, arg = pi/2.8 -> p arg = pi/2, Re = 0 -> 0;  x_3: +2.34 (odd about c) -> 2
+        # distinct: -5, -2, 0, 2, 5 -> inner -2, 0, 2 -> + 5: 3, 5, 7 -> [0, 3, 5, 7] (4 = k: p stays 1.4)
+        (10, 3, 5, 1.4, [0, 3, 5, 7]),
+        # S=100, N=10 (the paper's 100 DDIM steps): k=10, c=50, p=1.4: a = 16.351 e^(2.244 i), b = 16.351
+        # Re x_j^p for j = 1..4: |x| 13.756, 11.334, 9.223, 7.682; arg 2.151, 2.017, 1.815, 1.516
+        # -> -38.92, -28.43, -18.51, -9.09; j = 5: 0; j = 6..9 the negatives -> 9, 18, 28, 38 after truncation
+        # inner -38 -28 -18 -9 0 9 18 28 38, + 50: 12 22 32 41 50 59 68 78 88
+        (100, 10, 50, 1.4, [0, 12, 22, 32, 41, 50, 59, 68, 78, 88]),
+        # S=20, N=5: k=4, c=8 off-centre, p=1.5: a = 8^(2/3) e^(2 pi i/3) = -2 + 3.464i, b = 12^(2/3) = 5.2415
+        # x_1 = -0.190 + 2.598i: 2.605^1.5 cos(1.5 * 1.644) = 4.205 * -0.780 = -3.28 -> -3
+        # x_2 =  1.621 + 1.732i: 2.372^1.5 cos(1.5 * 0.819) = 3.653 *  0.336 =  1.23 ->  1
+        # x_3 =  3.431 + 0.866i: 3.539^1.5 cos(1.5 * 0.247) = 6.657 *  0.932 =  6.20 ->  6
+        # inner -3, 1, 6, + 8: 5, 9, 14
+        (20, 5, 8, 1.5, [0, 5, 9, 14]),
+        # S=10, N=2: k=5, c=3, p=2: a = i sqrt(3), b = sqrt(7), so Re x^2 = 7u^2 - 3(1-u)^2 at u = j/5:
+        # j=1: .28 - 1.92 = -1.64 -> -1; j=2: 1.12 - 1.08 = .04 -> 0; j=3: 2.52 - .48 = 2.04 -> 2;
+        # j=4: 4.48 - .12 = 4.36 -> 4; inner -1 0 2 4, + 3: 2 3 5 7
+        (10, 2, 3, 2.0, [0, 2, 3, 5, 7]),
+        # S=12, N=2: k=6, c=0 (real arithmetic): v_j = 12 (j/6)^p. p=1.4: v_1 = 12 e^(-1.4 ln 6) = 0.977 -> 0, the
+        # same as v_0 = 0, so distinct 0 2 4 6 9 12 (v_2..v_5 = 2.58 4.55 6.80 9.30) -> 5 steps, too few; p = 1.38:
+        # v_1..v_5 = 12 e^(-1.38 ln(6/j)) = 1.012 2.635 4.611 6.858 9.330 -> 1 2 4 6 9: [0, 1, 2, 4, 6, 9]
+        (12, 2, 0, 1.4, [0, 1, 2, 4, 6, 9]),
+        # k=1: two points, both dropped: just step 0
+        (5, 10, 2, 1.4, [0]),
+        # N=1: every step full (the official SD pipeline's rule; the interval-1 wrapper is the plain model anyway)
+        (7, 1, 3, 1.4, list(range(7))),
+    ],
+)
+def test_official_rule_matches_hand_computed_cases(steps, interval, center, power, expected):
+    assert official_steps(steps, interval, center, power) == expected
+
+
+def test_official_rule_refuses_a_count_no_power_reaches():
+    """S=6, N=2: k=3, c=3 = S/2, so the values are odd about c: -3, -v, v, 3 with v = 0.919 at p = 1.4
+    (|x_1| = 1.157, arg 1.727: 1.157^1.4 cos(2.418) = 1.227 * -0.749) rising to 0.980 at p = 1.02: -v and v
+    both truncate to 0 for every p, leaving [0, 3]. The DDPM code would go on with 2 full steps; we refuse."""
+    with pytest.raises(ValueError, match=r"finds no power in \(1, 1.4\] that gives exactly 3 full steps among 6"):
+        official_steps(6, 2, 3, 1.4)
+
+
+def test_official_rule_gives_exactly_k_sorted_steps_from_step_0_or_refuses():
+    """Every S <= 100 and N <= 10 at five centres: exactly ceil(S/N) full steps, step 0 first, strictly
+    increasing, inside 0..S-1; or the clear refusal, which happens only at N = 2 around the middle step of
+    S = 4m + 2 steps (k odd, so a pair of values straddles c, odd about it, and truncates to one)."""
+    refused = 0
+    for steps in range(1, 101):
+        for interval in range(1, 11):
+            k = math.ceil(steps / interval)
+            for center in (0, steps // 4, steps // 2, (3 * steps) // 4, steps):
+                try:
+                    full = official_steps(steps, interval, center, 1.4)
+                except ValueError as error:  # the odd-about-c merge shown above: at N = 2 and c = S/2 only
+                    assert f"exactly {k} full steps among {steps}" in str(error)
+                    assert (interval, center) == (2, steps // 2) and steps % 4 == 2
+                    refused += 1
+                    continue
+                assert len(full) == k and full[0] == 0 and full[-1] < steps
+                assert all(a < b for a, b in zip(full, full[1:], strict=False))
+    assert refused == len(range(6, 101, 4))  # S = 6, 10, ..., 98 (S = 2 has k = 1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((10, 2, 2.5, 1.4), r"center=2.5 must be a step index in 0\.\.10"),
+        ((10, 2, 11, 1.4), r"center=11 must be a step index"),
+        ((10, 2, -1, 1.4), r"center=-1 must be a step index"),
+        ((10, 2, 5, 1.0), r"pow=1.0 must be > 1"),
+        ((10, 0, 5, 1.4), r"interval=0 must be an int >= 1"),
+        ((0, 2, 0, 1.4), r"at least one sampling step"),
+    ],
+)
+def test_official_rule_bad_values(args, message):
+    with pytest.raises(ValueError, match=message):
+        official_steps(*args)
+
+
+# ---------------------------------------------------------------- the official --branch
+
+
+def test_our_branch_is_the_official_branch_number():
+    """Evidence, from the official DDPM model (ddpm/models/deepcache_diffusion.py, Model.forward): --branch b
+    caches the input of up block (L, B) with select_layer, select_block = b // 3, b % 3 and (L, B) =
+    (select_layer + 1, 2) if select_block == 2 else (select_layer, 1 - select_block); its cached path runs the down
+    blocks up to (select_layer, select_block) (2: through that level's downsample). Its README's MACs snippet feeds
+    branch 2 a cached feature of shape [1, 256, 16, 16] on CIFAR-10."""
+    with torch.device("meta"):
+        model = UNet(**CIFAR10)
+    for b in range(4 * 3 - 1):  # 4 levels, 2 blocks and a downsample each, none after the last level
+        layer, block = b // 3, b % 3
+        up = (layer + 1, 2) if block == 2 else (layer, 1 - block)
+        assert DeepCache(model, interval=1, branch=b)._up == up
+    x, t = torch.zeros(1, 3, 32, 32, device="meta"), torch.zeros(1, dtype=torch.int64, device="meta")
+    assert DeepCache(model, interval=1, branch=2)._full(x, t)[1].shape == (1, 256, 16, 16)
+
+
+def test_official_branch_2_runs_the_official_cached_path(hooked):
+    """The official cached path at --branch 2, read off its code: down level 0 (both blocks and the downsample),
+    up block 2 of level 1 on the cached feature and level 1's upsample, then all of up level 0."""
+    model, ran, _ = hooked
+    cache = DeepCache(model, [900, 800], interval=2, branch=2)
+    with torch.no_grad():
+        cache(noise(), 900)
+        ran.clear()
+        cache(noise(), 800)
+    assert set(ran) == {
+        ("down", 0, 0), ("down", 0, 1), ("down", 0, "resample"), ("up", 1, 2), ("up", 1, "resample"),
+        ("up", 0, 0), ("up", 0, 1), ("up", 0, 2),
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- no stale cache
 
 
@@ -229,8 +371,13 @@ def test_reset_and_a_new_batch_size_force_a_full_call(unet):
         ({"interval": 0}, r"interval=0 must be an int >= 1"),
         ({"interval": 2.5}, r"interval=2.5 must be an int >= 1"),
         ({"timesteps": [5, 7]}, r"strictly descending"),
-        ({"uniform": False, "center": 1.5}, r"center=1.5 must lie in \[0, 1\]"),
-        ({"uniform": False, "power": 0.5}, r"power=0.5 must be >= 1"),
+        ({"schedule": "nonuniform", "center": 1.5}, r"center=1.5 must lie in \[0, 1\]"),
+        ({"schedule": "nonuniform", "power": 0.5}, r"power=0.5 must be >= 1"),
+        ({"schedule": "official", "power": 1.0}, r"power=1.0 must be > 1 for schedule=official"),
+        ({"schedule": "quadratic"}, r"schedule='quadratic' is not a schedule .* \('uniform', 'nonuniform', 'offic"),
+        ({"uniform": False}, r"uniform=False is replaced by schedule: .* schedule=nonuniform for uniform=false"),
+        ({"uniform": True}, r"uniform=True is replaced by schedule: use schedule=uniform for uniform=true"),
+        ({"schedule": "official", "interval": 2, "timesteps": [9, 8, 7, 6, 5, 4]}, r"finds no power in \(1, 1.4\]"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(unet, kwargs, message):
@@ -288,6 +435,12 @@ def test_cache_configs_compose(unet, tmp_path):
     assert (
         isinstance(cache, DeepCache) and cache.interval == 3 and cache.branch == 1 and cache.full_steps == [0, 3, 6, 9]
     )
-    cfg = compose_config("sample", ["cache=deepcache", "cache.uniform=false"], tmp_path)
+    cfg = compose_config("sample", ["cache=deepcache", "cache.schedule=nonuniform"], tmp_path)
     cache = instantiate(cfg.cache)(unet, timesteps=timesteps.leading(30, SCHED.T))
     assert cache.full_steps == nonuniform_steps(30, 3, 0.5, 1.4)
+    overrides = ["cache=deepcache", "cache.schedule=official", "cache.center=0.4", "cache.interval=5"]
+    cache = instantiate(compose_config("sample", overrides, tmp_path).cache)(unet, timesteps=range(999, 0, -10))
+    assert cache.full_steps == official_steps(100, 5, 40, 1.4)  # the official --center 40 --pow 1.4
+    old = compose_config("sample", ["cache=deepcache", "cache.uniform=false"], tmp_path)  # an old command line
+    with pytest.raises(ValueError, match=r"uniform=False is replaced by schedule: .*schedule=nonuniform"):
+        instantiate(old.cache)(unet, timesteps=timesteps.leading(30, SCHED.T))
