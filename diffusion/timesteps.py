@@ -2,8 +2,10 @@
 
 Fewer steps is a shorter sequence, not a new process: every sampler walks the given timesteps and lands on
 clean data (t = -1) after the last one. `SPACINGS` need only T; `logsnr` needs the schedule itself, and
-`make(name, steps, schedule)` builds any of them by name (what sample.py calls). The uniform spacings are integer
-arithmetic, exact for every S and T (a float stride such as arange(T, 0, -T / S) can yield S+1 steps). Every
+`make(name, steps, schedule)` builds any of them by name (what sample.py calls); Analytic-DPM's optimal trajectory
+also needs the model's Gamma (`make(..., gamma=)`). The uniform spacings are integer arithmetic, exact for every S
+and T (a float stride such as arange(T, 0, -T / S) can yield S+1 steps; `even` keeps the official code's float sum
+on purpose). Every
 sampler starts from x_T ~ N(0, I), so `check_start` (called by make and by every sampler) refuses a sequence whose
 first timestep still holds signal.
 """
@@ -19,7 +21,8 @@ from torch import Tensor
 from .errors import UsageError
 from .schedule import Schedule
 
-__all__ = ["leading", "linspace", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "make", "check_start"]
+__all__ = ["leading", "linspace", "even", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "GAMMA_SPACINGS",
+           "make", "check_start"]  # fmt: skip
 
 
 # -------------------------------------------------------------------- the spacings
@@ -51,6 +54,18 @@ def linspace(steps: int, T: int) -> Tensor:
     if steps == 1:
         return torch.tensor([T - 1])
     return _descending(_round_div(np.arange(steps) * (T - 1), steps - 1))
+
+
+def even(steps: int, T: int) -> Tensor:
+    """Analytic-DPM's even trajectory (Bao et al. 2022; its code's "linear" steps): 1 + i (T-1) / (S-1) in 1-based
+    steps, the stride added up in float64 and rounded ties to even, minus 1. It is `linspace` but at ties, where
+    the 1-based rounding and the float sum's drift move a step by one (e.g. S = 3: 499, not 500; 3 of 25 steps at
+    S = 25): kept exactly, so that the paper's tables are reproduced on the paper's own timesteps."""
+    _check(steps, T)
+    if steps == 1:
+        return torch.tensor([T - 1])
+    ones = np.cumsum(np.r_[1.0, np.full(steps - 1, (T - 1) / (steps - 1))])  # sequential, as the official loop
+    return _descending(np.round(ones).astype(np.int64) - 1)
 
 
 def trailing(steps: int, T: int) -> Tensor:
@@ -102,17 +117,28 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
 
 
 SPACINGS = {"leading": leading, "linspace": linspace, "trailing": trailing, "quadratic": quadratic}
-NAMES = (*SPACINGS, "logsnr")
+NAMES = (*SPACINGS, "even", "logsnr")  # even: linspace but at ties, defined by the official code (its test is there)
+GAMMA_SPACINGS = ("analytic_optimal",)  # made from the model's Gamma too (Analytic-DPM): `make(..., gamma=)`
 
 
-def make(spacing: str, steps: int, schedule: Schedule) -> Tensor:
-    """The spacing named `spacing` (one of NAMES) with `steps` steps for `schedule`, checked by `check_start`."""
-    if spacing == "logsnr":
+def make(spacing: str, steps: int, schedule: Schedule, gamma: Tensor | None = None) -> Tensor:
+    """The spacing named `spacing` (one of NAMES or GAMMA_SPACINGS) with `steps` steps for `schedule`, checked by
+    `check_start`. "analytic_optimal" is Analytic-DPM's optimal trajectory, which needs the model's Gamma [T]."""
+    if spacing == "analytic_optimal":
+        from .analytic import optimal_trajectory  # analytic imports the samplers, which import this module
+
+        if gamma is None:
+            raise UsageError("spacing=analytic_optimal needs the model's Gamma: use it with sampler=analytic_ddpm or "
+                             "sampler=analytic_ddim, which compute it")  # fmt: skip
+        ts = optimal_trajectory(steps, schedule, gamma)
+    elif spacing == "logsnr":
         ts = logsnr(steps, schedule)
+    elif spacing == "even":
+        ts = even(steps, schedule.T)
     elif spacing in SPACINGS:
         ts = SPACINGS[spacing](steps, schedule.T)
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(NAMES)}")
+        raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(NAMES + GAMMA_SPACINGS)}")
     check_start(ts, schedule, spacing)
     return ts
 

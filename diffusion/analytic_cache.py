@@ -1,0 +1,108 @@
+"""Analytic-DPM's Gamma, computed once per model and cached beside its weights; the training images it needs.
+
+The cache is data, never code (DESIGN principle 7): an .npz of two plain arrays read with allow_pickle=False, its
+key, shape, dtype and values checked, refused (and rebuilt) when any check fails. Written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import registry
+from .analytic import check_gamma, estimate_gamma
+from .errors import UsageError
+from .samplers import Model
+from .schedule import Schedule
+
+__all__ = ["cached_gamma", "training_images"]
+
+
+def cached_gamma(model: Model, schedule: Schedule, images: Callable[[], Tensor], *, path_stem: Path, M: int,
+                 seed: int, data: str, batch_size: int = 256, device: torch.device | str = "cpu",
+                 progress: bool = True) -> Tensor:  # fmt: skip
+    """Gamma of `model` (an nn.Module) from `images()` (M training images, loaded only on a miss), cached in
+    `<path_stem>.gamma.M<M>.<key>.npz`. The key hashes the weights' bytes, the schedule, `data` (a description of
+    the images), M and seed, and is stored and checked inside the file, so an overwritten last.ckpt, the other
+    weights (EMA or raw) or another M never reuse it. A file that fails the checks is refused, said so, and rebuilt.
+    """
+    key = json.dumps({"weights": _weights_hash(model), "schedule": _hash(schedule.alphas_cumprod),
+                      "data": data, "M": M, "seed": seed}, sort_keys=True)  # fmt: skip
+    path = Path(f"{path_stem}.gamma.M{M}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+    if path.exists():
+        try:
+            return _read(path, key, schedule.T)
+        except ValueError as error:
+            print(f"refusing the cached Gamma {path} ({error}); computing it again")
+    print(f"computing Gamma (Analytic-DPM) once for this model: {schedule.T} timesteps x M={M} images -> {path}")
+    x0 = images().to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    gamma = estimate_gamma(model, x0, schedule, batch_size=batch_size, generator=g, progress=progress)
+    try:
+        _write(path, gamma, key)
+    except OSError as error:  # a read-only model folder: sample anyway, but say that the work is not kept
+        print(f"could not cache Gamma at {path} ({error}); it will be computed again next time")
+    return gamma
+
+
+def _read(path: Path, key: str, T: int) -> Tensor:
+    """Gamma from a cache file: plain arrays only (no pickle), the right key, shape, dtype and values."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+    except Exception as error:  # truncated, not a zip, or a pickled object array
+        raise ValueError(f"unreadable: {type(error).__name__}: {error}") from None
+    if set(arrays) != {"gamma", "key"}:
+        raise ValueError(f"holds {sorted(arrays)}, not gamma and key")
+    if arrays["key"].dtype.kind != "U" or arrays["key"].shape != () or str(arrays["key"]) != key:
+        raise ValueError("its key does not match these weights, schedule, data, M and seed")
+    gamma = arrays["gamma"]
+    if gamma.dtype != np.float64:
+        raise ValueError(f"gamma is {gamma.dtype}, not float64")
+    return check_gamma(torch.from_numpy(gamma.copy()), T, where=f"gamma in {path}")
+
+
+def _write(path: Path, gamma: Tensor, key: str) -> None:
+    """Write atomically: a temporary file in the same folder, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, gamma=gamma.numpy().astype(np.float64), key=np.array(key))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _hash(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every entry of the state dict: its name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        h.update(_hash(value.reshape(-1)).encode())
+    return h.hexdigest()
+
+
+def training_images(data: Mapping, M: int, seed: int, where: str = "data") -> Tensor:
+    """M training images [M, C, H, W] drawn without replacement (fixed by `seed`) from the dataset a data config
+    describes, built through diffusion.registry (a config read from a checkpoint names only our own classes)."""
+    module = registry.build("data", data, where=where)
+    module.prepare_data()  # CIFAR-10's download, or its one-line DataNotFoundError
+    module.setup()
+    train = module.train_set
+    if M > len(train):
+        raise UsageError(
+            f"gamma_M={M} exceeds the {len(train)} training images of {where}: use gamma_M <= {len(train)}"
+        )
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:M]
+    return torch.stack([torch.as_tensor(train[i]) for i in index.tolist()])
