@@ -223,13 +223,22 @@ class UNet(nn.Module):
         return h
 
     def up_level(
-        self, i: int, h: Tensor, temb: Tensor, skips: list[Tensor], start: int = 0, stop: int | None = None
+        self,
+        i: int,
+        h: Tensor,
+        temb: Tensor,
+        skips: list[Tensor],
+        start: int = 0,
+        stop: int | None = None,
+        rho: float = 1.0,
     ) -> Tensor:
-        """Run up[i] from block `start` on, each block on [h, skips.pop()] concatenated along channels; with
-        `stop`, only the blocks before it, no upsample (h is then the input of block `stop`)."""
+        """Run up[i] from block `start` on, each block on [h, rho * skips.pop()] concatenated along channels; with
+        `stop`, only the blocks before it, no upsample (h is then the input of block `stop`). rho != 1 is
+        Skip-Tuning's scaled skip (Ma et al. 2024; diffusion/skiptuning.py); rho = 1 multiplies nothing."""
         level = self.up[i]
         for j in range(start, len(level.res) if stop is None else stop):
-            h = level.block(j, torch.cat([h, skips.pop()], dim=1), temb)
+            skip = skips.pop()
+            h = level.block(j, torch.cat([h, skip if rho == 1.0 else rho * skip], dim=1), temb)
         return h if level.resample is None or stop is not None else level.resample(h)
 
     def head(self, h: Tensor) -> Tensor:

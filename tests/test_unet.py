@@ -9,6 +9,7 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.overrides import TorchFunctionMode
 
 from diffusion.pretrained import to_diffusers
 from diffusion.unet import Attention, ResBlock, UNet, timestep_embedding
@@ -223,6 +224,42 @@ def test_shallow_pass_around_a_cached_deep_feature_equals_forward(i, j):
             h = model.up_level(k, h, temb, skips)
         assert not skips
         assert torch.equal(model.head(h), full)
+
+
+class _Muls(TorchFunctionMode):
+    """Counts the multiplications issued while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_up_level_multiplies_only_when_rho_is_not_one(rho):
+    """Skip-Tuning's rho costs the plain UNet nothing: rho = 1 issues no multiplication and passes each skip as is;
+    any other rho scales each popped skip once, and nothing else."""
+    model = perturbed(UNet(**SMALL)).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    with torch.no_grad():
+        temb, h = model.embed(t, x), model.conv_in(x)
+        skips = [h]
+        for i in range(model.num_levels):
+            h = model.down_level(i, h, temb, skips)
+        h, kept = model.mid(h, temb), list(skips)
+        inputs = []
+        hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.up[-1].res]
+        with _Muls() as muls:
+            model.up_level(model.num_levels - 1, h, temb, skips, rho=rho)
+        for hook in hooks:
+            hook.remove()
+    blocks = model.num_res_blocks + 1
+    assert muls.n == (0 if rho == 1.0 else blocks) and len(inputs) == blocks
+    for inp, skip in zip(inputs, reversed(kept[-blocks:]), strict=True):
+        assert torch.equal(inp[:, -skip.shape[1] :], skip if rho == 1.0 else rho * skip)
 
 
 # ---------------------------------------------------------------- argument checks
