@@ -41,7 +41,6 @@ from .unet import Attention, UNet
 
 __all__ = [
     "DeepCache",
-    "SCHEDULES",
     "uniform_steps",
     "nonuniform_steps",
     "official_steps",
@@ -65,7 +64,7 @@ def uniform_steps(steps: int, interval: int) -> list[int]:
 def nonuniform_steps(steps: int, interval: int, center: float = 0.5, power: float = 1.4) -> list[int]:
     """Full-step indices of the non-uniform 1:N schedule, dense around the centre step c = center * steps.
 
-    The paper's rule in real arithmetic: k = ceil(steps / N) values l_i spread evenly over
+    Our reading of the paper's rule, in real arithmetic: k = ceil(steps / N) values l_i spread evenly over
     [-c^(1/p), (steps - c)^(1/p)) (end excluded), each mapped to c + sign(l) |l|^p and rounded. Indices that
     round to the same step are kept once, so a steep power can leave fewer than k full steps. The first value
     maps to step 0: the first step is always full.
