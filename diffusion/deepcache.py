@@ -120,7 +120,10 @@ def _check_schedule(steps: int, interval: int) -> None:
 
 def _check_power_rule(center: float, power: float) -> None:
     if not 0.0 <= center <= 1.0:
-        raise ValueError(f"center={center} must lie in [0, 1]: the centre step as a fraction of the sampling steps")
+        raise ValueError(
+            f"center={center} must lie in [0, 1]: the centre step as a fraction of the sampling steps "
+            "(the official --center C with S steps is center=C/S)"
+        )
     if power < 1.0:
         raise ValueError(f"power={power} must be >= 1 (1: evenly spaced; larger: more full steps near the centre)")
 
