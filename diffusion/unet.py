@@ -9,7 +9,8 @@ self-attention at chosen resolutions. Layout, with L = len(ch_mult) levels and t
 after each block) and `resample` (Downsample / Upsample, or None). The output of conv_in, of every down block
 and of every downsample is a skip, popped in reverse by the up blocks: down[i] block j feeds up[i] block
 `num_res_blocks - 1 - j`. `forward` is made only of `embed`, `down_level`, `mid`, `up_level` and `head`, so
-DeepCache (Ma et al. 2023) can run the shallow pieces around a cached deep feature without a second copy.
+DeepCache (Ma et al. 2023) can run the shallow pieces around a cached deep feature without a second copy, and
+Skip-Tuning (diffusion/skiptuning.py) can scale the skips through `up_level`'s `rho` (1 by default: no multiply).
 
 Numerics follow the released DDPM checkpoints (and diffusers' UNet2DModel with the google/ddpm-* configs):
 GroupNorm eps 1e-6, TF "SAME" padding on the stride-2 conv, sinusoid frequencies spaced log(1e4) / (half - 1).
