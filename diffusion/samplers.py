@@ -5,7 +5,8 @@
 `model(x, t) -> eps` with t int64 [B]; `x` is the starting noise x_T [B, C, H, W]; `timesteps` is a strictly
 descending int64 tensor in [0, T-1] (see diffusion.timesteps). Each step goes from t to s, the next timestep
 (s = -1 after the last: clean data, alpha_bar = 1). The model is never called at s = -1. `clip` clamps every
-clean estimate x0 to [-1, 1] (images); turn it off for unbounded data. Stochastic samplers draw their noise with
+clean estimate x0 to [-1, 1] (images only: it biases unbounded data); each sampler's default is its paper's code's
+(DDPM's clips; DDIM's, PNDM's, DPM-Solver++'s and UniPC's do not). Stochastic samplers draw their noise with
 `randn_like` from `generator`: a torch.Generator, or any object with `randn(shape, *, device, dtype)` (such as
 diffusion.generation.RowGenerators: one stream per image). Coefficients are Python floats taken from
 the float64 schedule once per call, so a step costs its tensor ops and nothing else.
@@ -16,14 +17,14 @@ Notation (code -> papers):
     x0               f_theta(x_t) = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)      (DDIM eq. 9)
     eta, sigma       sigma_t(eta), DDIM eq. 16; eta = 1 is DDPM's posterior std beta-tilde (Ho et al. eq. 7)
     _ddim_step       DDIM eq. 12; at eta = 0 also PNDM's transfer phi(x_t, eps, t, s) (Liu et al. eq. 9)
-    history          PNDM's eps of the last steps, newest last (DPM-Solver++ keeps one x0_prev)
-    alpha, sigma     sqrt(abar), sqrt(1 - abar) in DPM-Solver++ (Lu et al. 2022); lam = log(alpha / sigma)
-    h                lam_s - lam_t, a step in half-log-SNR
+    history          PNDM's eps of the last steps, newest last
+
+Here: ddpm, ddim, pndm, s_pndm, plms. In diffusion.solvers (re-exported here): the log-SNR ODE solvers dpm_solver
+(DPM-Solver++(2M)), dpm_solver_3m and unipc, which take `_steps`, `_at` and `_predict_x0` from this module.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -44,7 +45,16 @@ class NoiseSource(Protocol):
 
 Generator = torch.Generator | NoiseSource | None
 
-__all__ = ["ddpm", "ddim", "pndm", "s_pndm", "plms", "dpm_solver", "randn_like", "Model", "NoiseSource"]
+__all__ = [
+    "ddpm",
+    "ddim",
+    "pndm",
+    "s_pndm",
+    "plms",
+    "randn_like",
+    "Model",
+    "NoiseSource",
+]  # + the solvers (__getattr__)
 
 # Adams-Bashforth weights of order 1..4, newest eps first (PNDM's pseudo linear multistep uses order 4).
 _ADAMS_BASHFORTH = {
@@ -147,6 +157,7 @@ def ddpm(
     Args:
         variance: "posterior" (beta-tilde, Ho et al. eq. 7; the same as DDIM with eta = 1) or "beta" (sigma^2 =
             beta). The last step adds no noise, as in Algorithm 2.
+        clip: on by default, as in Ho et al.'s code (p_sample's clip_denoised); the other samplers' papers do not.
     """
     if variance not in ("posterior", "beta"):
         raise ValueError(f"variance must be 'posterior' (beta-tilde) or 'beta', got {variance!r}")
@@ -167,7 +178,7 @@ def ddim(
     *,
     generator: Generator = None,
     eta: float = 0.0,
-    clip: bool = True,
+    clip: bool = False,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): deterministic at eta = 0, DDPM (posterior variance) at eta = 1. NFE = S."""
     if not 0 <= eta <= 1:
@@ -230,7 +241,7 @@ def pndm(
     timesteps: Tensor,
     *,
     generator: Generator = None,
-    clip: bool = True,
+    clip: bool = False,
 ) -> Tensor:
     """F-PNDM (Liu et al. 2022): three pseudo Runge-Kutta steps (4 model calls each), then the 4th-order pseudo
     linear multistep. NFE = S + 9 for S >= 4 steps (4S - 3 for S <= 3: the final step is never Runge-Kutta).
@@ -252,7 +263,7 @@ def s_pndm(
     timesteps: Tensor,
     *,
     generator: Generator = None,
-    clip: bool = True,
+    clip: bool = False,
 ) -> Tensor:
     """S-PNDM (Liu et al. 2022): one pseudo improved Euler step (2 calls), then the 2nd-order pseudo linear
     multistep. NFE = S + 1 (1 for S = 1). The notes of `pndm` apply."""
@@ -267,7 +278,7 @@ def plms(
     timesteps: Tensor,
     *,
     generator: Generator = None,
-    clip: bool = True,
+    clip: bool = False,
 ) -> Tensor:
     """PLMS as in Stable Diffusion: one pseudo improved Euler step, then pseudo linear multistep of order 2, 3,
     then 4 as the history grows (Liu et al. 2022 without the Runge-Kutta start). NFE = S + 1 (1 for S = 1).
@@ -275,33 +286,16 @@ def plms(
     return _pndm(model, x, schedule, timesteps, warmup="heun", order=4, clip=clip)
 
 
-# -------------------------------------------------------------------- DPM-Solver++ (Lu et al. 2022)
-@torch.no_grad()
-def dpm_solver(
-    model: Model,
-    x: Tensor,
-    schedule: Schedule,
-    timesteps: Tensor,
-    *,
-    generator: Generator = None,
-    clip: bool = True,
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in the data prediction x0, NFE = S.
+# -------------------------------------------------------------------- the log-SNR ODE solvers
+_SOLVERS = ("dpm_solver", "dpm_solver_3m", "unipc")
 
-    The first step is first order (no history yet; it equals DDIM's eta = 0 step) and so is the final one onto
-    clean data (lambda = inf: it returns the last x0), the paper's lower-order final step. Pair it with
-    `timesteps.logsnr`, the paper's spacing, uniform in lambda.
-    """
-    steps, _ = _steps(schedule, timesteps)
-    x0_prev, h_prev = None, 0.0
-    for t, s, abar_t, abar_s in steps:
-        x0 = _predict_x0(x, model(x, _at(x, t)), abar_t, clip)
-        if s < 0:
-            return x0
-        lam_t, lam_s = 0.5 * math.log(abar_t / (1 - abar_t)), 0.5 * math.log(abar_s / (1 - abar_s))
-        h = lam_s - lam_t
-        # D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev with r = h_prev / h; first order (D = x0) without a history
-        d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
-        x = ((1 - abar_s) / (1 - abar_t)) ** 0.5 * x - abar_s**0.5 * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
+
+def __getattr__(name: str):
+    """diffusion.samplers.dpm_solver (conf/sampler/dpm_solver.yaml's _target_), dpm_solver_3m and unipc live in
+    diffusion.solvers, which imports this module's shared pieces: looked up on first use, so either module can be
+    imported first without a circular import."""
+    if name in _SOLVERS:
+        from . import solvers
+
+        return getattr(solvers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
