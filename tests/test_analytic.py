@@ -166,7 +166,7 @@ def test_the_cost_is_the_papers_up_to_terms_that_telescope():
     schedule = linear(T, 1e-3, 0.2)
     gamma = _random_gamma(T, 3)
     abar, g = schedule.alphas_cumprod.numpy(), gamma.numpy()
-    J = analytic.cost_matrix(schedule, gamma, bounded=False)
+    J = analytic.cost_matrix(schedule, gamma, bounded=False, monotone=False)
     f = np.log((1 - abar) / abar)
     for s, t in itertools.combinations(range(T), 2):
         paper = np.log(1 - (1 - abar[t] / abar[s]) * g[t] / (1 - abar[t]))
@@ -186,6 +186,24 @@ def test_even_is_the_official_even_trajectory_and_linspace_but_at_ties():
         assert ts.flip(0).tolist() == official, K
         assert int((ts - timesteps.linspace(K, T)).abs().max()) <= 1
     assert timesteps.even(3, T).tolist() == [999, 499, 0] and timesteps.linspace(3, T).tolist() == [999, 500, 0]
+
+
+def test_the_trajectory_takes_cov_as_non_decreasing_in_t():
+    """A Gamma estimated above 1 at t = 8 (Cov clipped to 0) makes the jump 8 -> 0 look free; the running maximum
+    of Cov gives it the cost of the Cov reached below it."""
+    T = 12
+    schedule = linear(T, 1e-2, 0.5)
+    gamma = _random_gamma(T, 0)
+    noisy = gamma.clone()
+    noisy[8] = 1.05
+    raw, kept = analytic.cost_matrix(schedule, noisy, monotone=False), analytic.cost_matrix(schedule, noisy)
+    assert raw[0, 8] == 0 and kept[0, 8] > 0
+    abar = schedule.alphas_cumprod
+    cov = ((1 - abar) / abar * (1 - gamma)).clamp(min=0)
+    monotone = 1 - torch.cummax(cov, 0).values * abar / (1 - abar)
+    np.testing.assert_allclose(
+        analytic.cost_matrix(schedule, monotone, monotone=False), analytic.cost_matrix(schedule, gamma)
+    )
 
 
 # -------------------------------------------------------------------- the cache
