@@ -15,7 +15,8 @@ ODE's endpoint from that x_T (the exact predictor under DPM-Solver++(2M) with --
 The Frechet distance of quality_vs_steps.py is left out: with a few hundred samples in D = 768 dimensions its
 covariance estimate swamps any difference between columns. The first column is the exact predictor under the
 same sampler and steps (the sampler's own error); the others the network with Skip-Tuning (rho_top:rho_bottom;
-1:1 is the plain network). No sampler clips x0 (the data is unbounded).
+1:1 is the plain network). No sampler clips x0 (the data is unbounded) unless --clip: an undertrained network's
+few-step samples can run far off without it (the endpoint is never clipped).
 
 --speed-only (also run after the sweep): one forward of the plain UNet before and after UNet.up_level took `rho`
 (the module as of commit BEFORE, from git), interleaved, and of SkipTuning around it; the median per-round ratio
@@ -60,7 +61,8 @@ RHOS = "1:1,1:0.9,1:0.8,1:0.7,1:0.6,0.8:0.8"
 # ---------------------------------------------------------------- the sweep
 
 
-def solve(model: Callable, sampler: Callable, sched, ts: Tensor, x_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+def solve(model: Callable, sampler: Callable, sched, ts: Tensor, x_T: Tensor, dtype: torch.dtype,
+          clip: bool = False) -> tuple[Tensor, int]:  # fmt: skip
     """x0 from x_T (float64 arithmetic, the model in `dtype`) and the number of model calls."""
     calls = 0
 
@@ -70,7 +72,7 @@ def solve(model: Callable, sampler: Callable, sched, ts: Tensor, x_T: Tensor, dt
         return model(x.to(dtype), t).to(x.dtype)
 
     with torch.no_grad():
-        return sampler(counted, x_T, sched, ts, clip=False), calls
+        return sampler(counted, x_T, sched, ts, clip=clip), calls
 
 
 def measures(data: GaussianMixture, x: Tensor, endpoint: Tensor) -> tuple[float, float, float]:
@@ -93,7 +95,7 @@ def floor(data: GaussianMixture, n: int, draws: int = 5) -> tuple[float, float]:
 
 
 def sweep(model: UNet, sched, data: GaussianMixture, rhos: list[tuple[float, float]], n: int, ref_steps: int,
-          seed: int) -> dict:  # fmt: skip
+          seed: int, clip: bool = False) -> dict:  # fmt: skip
     """{(sampler name, nfe target, column): (measures, nfe)}; column "exact" or (rho_top, rho_bottom)."""
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     exact = data.model(sched)
@@ -103,12 +105,12 @@ def sweep(model: UNet, sched, data: GaussianMixture, rhos: list[tuple[float, flo
     for name, sampler, spacing, nfes in SAMPLERS:
         for target, steps in nfes.items():
             ts = timesteps.make(spacing, steps, sched)
-            out, calls = solve(exact, sampler, sched, ts, x_T, torch.float64)
+            out, calls = solve(exact, sampler, sched, ts, x_T, torch.float64, clip)
             cells[name, target, "exact"] = measures(data, out, endpoint), calls
             for top, bottom in rhos:
                 start = time.perf_counter()
                 net = SkipTuning(model, rho_top=top, rho_bottom=bottom)
-                out, calls = solve(net, sampler, sched, ts, x_T, dtype)
+                out, calls = solve(net, sampler, sched, ts, x_T, dtype, clip)
                 cells[name, target, (top, bottom)] = measures(data, out, endpoint), calls
                 m = cells[name, target, (top, bottom)][0]
                 print(f"{name} {target} NFE rho {top}:{bottom}: RMS {m[0]:.4f} off {m[1]:.3f} spread {m[2]:.3f} "
@@ -212,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds of the speed comparison")
     parser.add_argument("--speed-only", action="store_true", help="only the plain UNet's speed, before and after")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", action="store_true", help="clip x0 to [-1, 1] in every sampler (default: none)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small ops lose to threading)")
     parser.add_argument("--out", default=str(RESULTS / "skip_tuning.md"))
     args = parser.parse_args(argv)
@@ -229,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.speed_only:
         model, sched, data, about = load_checkpoint(args.checkpoint, "cpu")
         start = time.perf_counter()
-        cells = sweep(model, sched, data, rhos, args.samples, args.reference_steps, args.seed)
-        title = f"Skip-Tuning on {about} ({sched.name} schedule, {data})"
+        cells = sweep(model, sched, data, rhos, args.samples, args.reference_steps, args.seed, args.clip)
+        clipped = "x0 clipped to [-1, 1]" if args.clip else "no clipping"
+        title = f"Skip-Tuning on {about} ({sched.name} schedule, {data}, {clipped})"
         parts.append(sweep_markdown(title, cells, rhos, floor(data, args.samples), args.samples,
                                     args.reference_steps))  # fmt: skip
         parts[-1] += f"\n({time.perf_counter() - start:.0f} s)\n"
