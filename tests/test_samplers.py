@@ -2,14 +2,18 @@
 is known (diffusion.mixture), so a sampler's output can be checked against the data, against Ho et al.'s
 Algorithm 2, against the exact probability-flow ODE solution, and against diffusers' reference schedulers."""
 
+import inspect
 import math
 from functools import partial
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffusion import samplers, schedule, timesteps
 from diffusion.mixture import GaussianMixture
+
+from .conftest import CONF
 
 F64 = torch.float64
 SAMPLERS = {
@@ -21,6 +25,8 @@ SAMPLERS = {
     "s_pndm": samplers.s_pndm,
     "plms": samplers.plms,
     "dpm_solver": samplers.dpm_solver,
+    "dpm_solver_3m": samplers.dpm_solver_3m,  # these two are in diffusion.solvers (tests/test_solvers.py)
+    "unipc": samplers.unipc,
 }
 
 
@@ -62,6 +68,26 @@ def test_every_sampler_returns_the_point_of_a_one_point_distribution(name, spaci
     noise = torch.randn(5, 3, 4, 4, dtype=F64, generator=gen(0))
     x0 = SAMPLERS[name](model, noise, sched, timesteps.make(spacing, steps, sched), generator=gen(1), clip=False)
     assert torch.allclose(x0, x_star.expand_as(x0), atol=1e-8, rtol=0)
+
+
+# -------------------------------------------------------------------- clipping: each paper's code's default
+CLIPS_BY_DEFAULT = {
+    "ddpm": True,
+    **{n: False for n in ("ddim", "pndm", "s_pndm", "plms", "dpm_solver", "dpm_solver_3m", "unipc")},
+}
+
+
+@pytest.mark.parametrize("name", CLIPS_BY_DEFAULT)
+def test_clip_defaults_follow_the_papers_code_in_the_function_and_its_config(name):
+    """DDPM's code clips x0 (p_sample's clip_denoised); DDIM's, PNDM's, DPM-Solver++'s and UniPC's do not."""
+    sampler = getattr(samplers, name)
+    assert inspect.signature(sampler).parameters["clip"].default is CLIPS_BY_DEFAULT[name]
+    assert OmegaConf.load(CONF / "sampler" / f"{name}.yaml").clip is CLIPS_BY_DEFAULT[name]
+    sched = schedule.linear(100)
+    model = GaussianMixture(torch.full((1, 2), 3.0, dtype=F64), torch.ones(1), 0.0).model(sched)  # data at 3
+    out = sampler(model, torch.randn(4, 2, dtype=F64, generator=gen(0)), sched, timesteps.leading(10, 100))
+    expected = torch.ones_like(out) if CLIPS_BY_DEFAULT[name] else torch.full_like(out, 3.0)
+    assert torch.allclose(out, expected, atol=1e-8), name
 
 
 # -------------------------------------------------------------------- DDPM
