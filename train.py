@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import checkpoints, loggers, precision, resume
+from diffusion.consistency_module import ConsistencyModule, adopt_teacher
 from diffusion.errors import reported
 from diffusion.launch import job_environment
 from diffusion.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
@@ -20,11 +21,13 @@ from diffusion.training import DiffusionModule
 def train(cfg: DictConfig) -> DiffusionModule:
     """Build data, model, module, logger and trainer from `cfg` and fit; returns the trained module.
 
-    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run."""
+    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run.
+    With a `consistency:` section (experiment=cd, ct, pcm) the module is a ConsistencyModule."""
     if cfg.resume:
         for line in resume.continue_run(cfg, checkpoints.load(cfg.resume)["config"], resume.command_line_overrides()):
             rank_zero_info(f"resume: {line}")
     cfg.run_id = cfg.run_id or os.urandom(4).hex()
+    teacher = adopt_teacher(cfg) if cfg.get("consistency") else None  # CD: the teacher's model and schedule
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
     optimizer = instantiate(cfg.optim)
     plan = precision.plan_step(cfg.trainer, cfg.module, optimizer)  # refuses what would crash at step 1
@@ -32,9 +35,11 @@ def train(cfg: DictConfig) -> DiffusionModule:
 
     L.seed_everything(cfg.seed, verbose=False)  # same initial weights on every rank
     schedule = instantiate(cfg.schedule)
-    module = DiffusionModule(
+    kind, extra = (ConsistencyModule, {"teacher": teacher, **cfg.consistency}) if cfg.get("consistency") else (
+        DiffusionModule, {})  # fmt: skip
+    module = kind(
         instantiate(cfg.model), schedule, optimizer, **{**cfg.module, "grad_clip": plan.grad_clip},
-        fused=plan.fused, config=config,
+        fused=plan.fused, config=config, **extra,
     )  # fmt: skip
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:

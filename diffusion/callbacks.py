@@ -10,18 +10,23 @@ from lightning.pytorch.loggers import WandbLogger
 
 from .images import grid, save_png, to_uint8
 from .metrics import Inception, frechet_distance, inception_features, reference_stats_for, stats
+from .training import DiffusionModule
 
 __all__ = ["SampleGrid", "FID"]
 
 
 class SampleGrid(L.Callback):
-    """Every `every_n_steps`, draw `n` images from the EMA weights with `steps` DDIM steps (eta = 0) from the
-    same noise each time, save the grid as `samples/step_XXXXXXX.png` and log it as an image."""
+    """Every `every_n_steps`, draw `n` images from the EMA weights with the module's `sample` (DDIM, eta = 0, for a
+    DDPM; consistency sampling for a ConsistencyModule) in `steps` steps from the same noise each time, save the grid
+    as `<name>/step_XXXXXXX.png` and log it as the image `name` (two grids, e.g. 1 and 2 steps, need two names)."""
 
-    def __init__(self, every_n_steps: int = 5000, n: int = 64, steps: int = 50, seed: int = 0) -> None:
+    def __init__(self, every_n_steps: int = 5000, n: int = 64, steps: int = 50, seed: int = 0,
+                 name: str = "samples") -> None:  # fmt: skip
         if every_n_steps < 1 or n < 1 or steps < 1:
             raise ValueError("every_n_steps, n and steps must be >= 1")
-        self.every_n_steps, self.n, self.steps, self.seed = every_n_steps, n, steps, seed
+        if not name or not name.replace("_", "").isalnum():
+            raise ValueError(f"name={name!r} must be letters, digits and underscores (it names a folder)")
+        self.every_n_steps, self.n, self.steps, self.seed, self.name = every_n_steps, n, steps, seed, name
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -31,10 +36,11 @@ class SampleGrid(L.Callback):
         image = grid(to_uint8(pl_module.sample(self.n, self.steps, seed=self.seed)))
         if not trainer.is_global_zero:
             return
-        save_png(image, Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png")
+        save_png(image, Path(trainer.default_root_dir) / self.name / f"step_{step:07d}.png")
+        how = "DDIM" if type(pl_module).sample is DiffusionModule.sample else type(pl_module).__name__
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [image], step=step, caption=[f"step {step}, DDIM {self.steps} steps"])
+                logger.log_image(self.name, [image], step=step, caption=[f"step {step}, {how} {self.steps} steps"])
 
 
 class FID(L.Callback):

@@ -156,7 +156,9 @@ def newest(root: str | os.PathLike, name: str = "last.ckpt") -> Path | None:
 
 
 def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """The network (EMA or raw weights, in eval mode) and the schedule described by a checkpoint's config.
+    """The network (EMA or raw weights, in eval mode) and the schedule described by a checkpoint's config; for a
+    consistency model (a `consistency` section), the network wrapped in diffusion.consistency.ConsistencyModel, whose
+    eps carries x_t to the consistency function's output (sample it with sampler=consistency).
 
     Returns (model, schedule). Both are built through diffusion.registry: the config may only name this project's
     own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else.
@@ -177,4 +179,21 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the checkpoint's {prefix[:-1]} weights do not fit its model config: {error}") from None
-    return model.to(device).eval().requires_grad_(False), schedule.to(device)
+    model, schedule = model.to(device).eval().requires_grad_(False), schedule.to(device)
+    if config.get("consistency") is not None:  # a CD / CT / PCM student: f as an eps-model (any sampler can run it)
+        from .consistency import ConsistencyModel
+
+        return ConsistencyModel(model, schedule, _phases(config["consistency"])).to(device), schedule
+    return model, schedule
+
+
+def _phases(section: Any) -> int:
+    """PCM's number of phases from a checkpoint's `consistency` section (1 for CD and CT), checked as plain data."""
+    if not isinstance(section, dict):
+        raise CheckpointError("the checkpoint's config 'consistency' is not a mapping: it was not written by train.py")
+    for key, value in section.items():
+        registry.check_plain(value, f"checkpoint config consistency.{key}")
+    phases = section.get("phases", 1)
+    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 1:
+        raise CheckpointError(f"the checkpoint's consistency.phases={phases!r} is not a whole number >= 1")
+    return phases

@@ -19,7 +19,8 @@ from .errors import UsageError
 
 __all__ = ["continue_run", "command_line_overrides"]
 
-RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed")
+RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed", "consistency", "teacher")
+OPTIONAL = ("consistency", "teacher")  # absent from checkpoints written before consistency models: null
 REGISTRY_KINDS = ("model", "schedule", "data", "optim")
 CHANGEABLE = {"data.num_workers", "data.root", "data.download", "module.compile", "module.max_bad_steps"}
 NEVER_FROM_CHECKPOINT = {"paths", "resume", "run_id", "run_name", "hydra"}
@@ -45,6 +46,8 @@ def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | 
     today = OmegaConf.to_container(cfg, resolve=True)  # before any section is replaced
     with open_dict(cfg):
         for section in RUN_DEFINING:
+            if section not in saved and section in OPTIONAL:
+                saved = {**saved, section: None}
             if section not in saved:
                 raise UsageError(f"the checkpoint's config has no '{section}': it was not written by train.py")
             if section in REGISTRY_KINDS:

@@ -105,7 +105,7 @@ class DiffusionModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
-        loss = eps_loss(self.model, self.schedule, batch)
+        loss = self.training_loss(batch)
         self.manual_backward(loss)
         grad_norm = self.clip_and_check()
         finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the gradients are all-reduced
@@ -117,7 +117,7 @@ class DiffusionModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         if finite:
             lr_schedule.step()
-            ema_update(self.ema, self.model, self.ema_decay)
+            self.on_finite_step()
             self.bad_in_a_row = 0
         else:
             self._count_bad_step(loss)
@@ -125,7 +125,19 @@ class DiffusionModule(L.LightningModule):
         self.log("train/grad_norm", grad_norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log_step(loss)
         return loss.detach()
+
+    def training_loss(self, batch: Tensor) -> Tensor:
+        """The loss of one batch: DDPM's L_simple (a subclass such as ConsistencyModule brings its own)."""
+        return eps_loss(self.model, self.schedule, batch)
+
+    def on_finite_step(self) -> None:
+        """After an applied (finite) update: the EMA of the weights."""
+        ema_update(self.ema, self.model, self.ema_decay)
+
+    def log_step(self, loss: Tensor) -> None:
+        """Extra per-step metrics of a subclass (none here)."""
 
     def clip_and_check(self) -> Tensor:
         """Clip the global gradient norm at `grad_clip` (if set) and return the norm before clipping (inf/nan if any

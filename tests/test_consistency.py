@@ -7,6 +7,7 @@ import copy
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -292,3 +293,115 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="phases"):
         cm.phase_edges(T + 1, T)
     assert cosine(T).T == T
+
+
+# ---------------------------------------------------------------- train.py and sample.py
+
+
+def tiny(name: str, *overrides: str) -> list[str]:
+    """TINY_RUN with another experiment preset: 16x16 synthetic images, the tiny UNet, a 1- and 2-step grid."""
+    from .conftest import TINY_RUN
+
+    base = [o for o in TINY_RUN if not o.startswith("experiment=")]
+    return [*base, f"experiment={name}", "data=synthetic", "model=unet_tiny", "data.image_size=16",
+            "callbacks.samples_2.n=4", "callbacks.samples.steps=1", *overrides]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 3-step DDPM teacher and a 4-step CD student of it: their folders."""
+    from train import train
+
+    from .conftest import TINY_RUN, compose_config
+
+    root = tmp_path_factory.mktemp("consistency")
+    train(compose_config("train", [*TINY_RUN, "data.image_size=16", "trainer.max_steps=3"], root / "teacher"))
+    teacher = root / "teacher" / "checkpoints" / "last.ckpt"
+    train(compose_config("train", tiny("cd", f"teacher={teacher}", "trainer.max_steps=4"), root / "cd"))
+    return root
+
+
+def test_a_cd_run_writes_a_checkpoint_that_samples_through_sample_py(runs):
+    from diffusion import checkpoints
+    from sample import sample
+
+    from .conftest import compose_config
+
+    ckpt = checkpoints.load(runs / "cd" / "checkpoints" / "last.ckpt")
+    teacher = checkpoints.load(runs / "teacher" / "checkpoints" / "last.ckpt")
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"model", "ema", "target"}  # never the teacher's weights
+    assert ckpt["config"]["teacher"] == str(runs / "teacher" / "checkpoints" / "last.ckpt")
+    assert ckpt["config"]["model"] == teacher["config"]["model"]  # the student is built as its teacher
+    assert ckpt["config"]["consistency"]["method"] == "cd" and ckpt["global_step"] == 4
+    assert (runs / "cd" / "samples" / "step_0000003.png").is_file()
+    assert (runs / "cd" / "samples_2step" / "step_0000003.png").is_file()
+    assert "train/consistency_loss" in next((runs / "cd").glob("csv/version_*/metrics.csv")).read_text()
+    model, _ = checkpoints.load_model(ckpt)
+    assert isinstance(model, cm.ConsistencyModel) and model.phases == 1
+    for steps in (1, 2, 4):
+        overrides = [f"ckpt={runs / 'cd' / 'checkpoints' / 'last.ckpt'}", "logger=none", "n_samples=3", "batch_size=2",
+                     "sampler=consistency", f"steps={steps}"]  # fmt: skip
+        images = sample(compose_config("sample", overrides, runs / f"sample_{steps}"))
+        assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_a_cd_run_resumes(runs):
+    from diffusion import checkpoints
+    from train import train
+
+    from .conftest import compose_config
+
+    last = runs / "cd" / "checkpoints" / "last.ckpt"
+    overrides = ["trainer=cpu", "logger=csv", "data.num_workers=0", "trainer.enable_progress_bar=false",
+                 "~callbacks.progress", "trainer.max_steps=6", f"resume={last}"]  # fmt: skip
+    module = train(compose_config("train", overrides, runs / "resumed"))  # no experiment=: the checkpoint's config
+    assert module.global_step == 6 and module.method == "cd" and module.target is not None
+    resumed = checkpoints.load(runs / "resumed" / "checkpoints" / "last.ckpt")
+    assert resumed["config"]["run_id"] == checkpoints.load(last)["config"]["run_id"]
+
+
+def test_ct_and_pcm_runs(runs):
+    from diffusion import checkpoints
+    from train import train
+
+    from .conftest import compose_config
+
+    ct = train(compose_config("train", tiny("ct", "trainer.max_steps=2"), runs / "ct"))
+    assert ct.target is None and ct.curriculum() == cm.ct_steps(2, 2, 10, 1280) == 40  # K' = 1: doubling each step
+    teacher = runs / "teacher" / "checkpoints" / "last.ckpt"
+    train(compose_config("train", tiny("pcm", f"teacher={teacher}", "consistency.phases=2", "trainer.max_steps=2"),
+                         runs / "pcm"))  # fmt: skip
+    model, _ = checkpoints.load_model(checkpoints.load(runs / "pcm" / "checkpoints" / "last.ckpt"))
+    assert model.phases == 2 and model.edges.tolist() == [-1, 499]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=cd"], "needs a teacher"),
+        (["experiment=ct", "teacher=x.ckpt"], "consistency training has no teacher"),
+        (["experiment=ct", "consistency.loss=lpips"], "lpips is not built"),
+        (["experiment=ct", "consistency.method=gan"], "use cd"),
+        (["experiment=ct", "consistency.mu=1.0"], "EMA rate"),
+        (["experiment=ct", "consistency.phases=2"], "PCM = method cd"),
+        (["experiment=cd", "teacher=/nonexistent.ckpt"], "no checkpoint at"),
+    ],
+)
+def test_bad_training_options_are_refused(tmp_path, overrides, message):
+    from diffusion.errors import UsageError
+    from train import train
+
+    from .conftest import compose_config
+
+    with pytest.raises(UsageError, match=message):
+        train(compose_config("train", tiny(overrides[0].split("=")[1], *overrides[1:]), tmp_path))
+
+
+def test_a_consistency_model_is_not_a_teacher(runs, tmp_path):
+    from diffusion.errors import UsageError
+    from train import train
+
+    from .conftest import compose_config
+
+    with pytest.raises(UsageError, match="is a consistency model"):
+        train(compose_config("train", tiny("cd", f"teacher={runs / 'cd' / 'checkpoints' / 'last.ckpt'}"), tmp_path))
