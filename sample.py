@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import errors, runs, timesteps
+from diffusion import analytic_cache, errors, runs, timesteps
 from diffusion.errors import UsageError
 from diffusion.generation import PRECISIONS, Autocast, distributed, generate
 from diffusion.images import grid, save_npz, save_png
@@ -29,16 +30,25 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
     with distributed() as dist:
         check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
-        source, model, schedule, trained = _load(cfg, device)
+        source, model, schedule, trained, weights = _load(cfg, device)
         if not cfg.steps <= schedule.T:
             raise UsageError(f"steps={cfg.steps} is out of range: choose 1 <= steps <= T={schedule.T} (the model's T)")
         if cfg.fid and not (cfg.fid_ref or trained.get("data")):
             raise UsageError("fid=true needs fid_ref=PATH.npz (mu, sigma) or a checkpoint that knows its dataset")
-        ts = timesteps.make(cfg.spacing, cfg.steps, schedule)
         sampler, shape = instantiate(cfg.sampler), (model.in_channels, model.resolution, model.resolution)
-        group = "sampler"
-        try:  # the options' own checks: the sampler's on one zero pixel, Skip-Tuning's and DeepCache's on this UNet
-            sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
+        gamma = torch.zeros(schedule.T, dtype=torch.float64) if analytic_cache.takes_gamma(sampler) else None
+        try:  # the sampler's own checks on one zero pixel (with a zero Gamma for Analytic-DPM), before any long work
+            check = sampler if gamma is None else functools.partial(sampler, gamma=gamma)
+            check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule,
+                  timesteps.make("even", cfg.steps, schedule))  # fmt: skip
+        except ValueError as error:
+            raise UsageError(f"sampler options: {error}") from error
+        if gamma is not None:  # Analytic-DPM: the model's Gamma, computed once and cached beside the weights
+            gamma = dist.on_main(_gamma, cfg, model, schedule, trained, weights, source, device)
+            sampler = functools.partial(sampler, gamma=gamma)
+        ts = timesteps.make(cfg.spacing, cfg.steps, schedule, gamma=gamma)
+        group = "skip"
+        try:  # Skip-Tuning's and DeepCache's own checks on this UNet
             group, net = "skip", instantiate(cfg.skip)(model) if cfg.skip else model
             group, net = "cache", instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
         except ValueError as error:
@@ -82,18 +92,27 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
 
 
 def _load(cfg: DictConfig, device: torch.device):
-    """(source, model, schedule, training config) from ckpt=, pretrained= or the newest checkpoint."""
+    """(source, model, schedule, training config, weights path) from ckpt=, pretrained= or the newest checkpoint."""
     from diffusion import checkpoints  # Lightning: imported once the options are known to be good
 
     if cfg.pretrained:
         from diffusion import pretrained
 
         model, schedule = pretrained.load(cfg.pretrained)
-        return cfg.pretrained, model.to(device).eval().requires_grad_(False), schedule.to(device), {}
+        model = model.to(device).eval().requires_grad_(False)
+        return cfg.pretrained, model, schedule.to(device), {}, Path(cfg.pretrained)
     path = Path(cfg.ckpt) if cfg.ckpt else _newest_checkpoint()
     checkpoint = checkpoints.load(path)
     model, schedule = checkpoints.load_model(checkpoint, use_ema=cfg.use_ema, device=device)
-    return f"{path} ({'EMA' if cfg.use_ema else 'raw'} weights)", model, schedule, checkpoint["config"]
+    return f"{path} ({'EMA' if cfg.use_ema else 'raw'} weights)", model, schedule, checkpoint["config"], path
+
+
+def _gamma(cfg: DictConfig, model, schedule, trained: dict, weights: Path, source: str, device) -> torch.Tensor:
+    """Analytic-DPM's Gamma from cfg.gamma_M images of data=NAME, else of the checkpoint's own training data."""
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else trained.get("data")
+    label = "ema" if cfg.use_ema else "raw"
+    return analytic_cache.for_sampling(model, schedule, weights=weights, label=label, data=data, M=cfg.gamma_M,
+                                       batch_size=cfg.gamma_batch_size, device=device, source=source)  # fmt: skip
 
 
 def _nonfinite_message(cfg: DictConfig, n: int) -> str:

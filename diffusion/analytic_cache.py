@@ -7,6 +7,7 @@ key, shape, dtype and values checked, refused (and rebuilt) when any check fails
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -22,7 +23,9 @@ from .errors import UsageError
 from .samplers import Model
 from .schedule import Schedule
 
-__all__ = ["cached_gamma", "training_images"]
+__all__ = ["cached_gamma", "training_images", "takes_gamma", "for_sampling", "GAMMA_SEED"]
+
+GAMMA_SEED = 0  # which training images and noises Gamma uses: fixed, so that sampling seeds share one cache
 
 
 def cached_gamma(model: Model, schedule: Schedule, images: Callable[[], Tensor], *, path_stem: Path, M: int,
@@ -106,3 +109,24 @@ def training_images(data: Mapping, M: int, seed: int, where: str = "data") -> Te
         )
     index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:M]
     return torch.stack([torch.as_tensor(train[i]) for i in index.tolist()])
+
+
+# -------------------------------------------------------------------- sample.py's side
+def takes_gamma(sampler) -> bool:
+    """True for a sampler (or a functools.partial of one) that needs the model's Gamma: the Analytic-DPM ones."""
+    return "gamma" in inspect.signature(getattr(sampler, "func", sampler)).parameters
+
+
+def for_sampling(model: torch.nn.Module, schedule: Schedule, *, weights: Path, label: str, data: Mapping | None,
+                 M: int, batch_size: int, device: torch.device, source: str) -> Tensor:  # fmt: skip
+    """Gamma for sample.py: from M images of `data` (the data=... option, else the checkpoint's own training
+    config), cached beside `weights` (a checkpoint file, or a diffusers folder) under `label` (ema, raw)."""
+    if not data:
+        raise UsageError(f"Analytic-DPM estimates Gamma from training images, and {source} does not name its "
+                         "dataset: pass data=NAME (a conf/data file, e.g. data=cifar10 for google/ddpm-cifar10-32; "
+                         "data.root=DIR if the files are elsewhere)")  # fmt: skip
+    data = dict(data)
+    stem = weights.parent / f"{weights.stem}.{label}" if weights.is_file() else weights / f"analytic.{label}"
+    described = json.dumps({k: v for k, v in data.items() if k not in ("batch_size", "num_workers")}, sort_keys=True)
+    return cached_gamma(model, schedule, lambda: training_images(data, M, GAMMA_SEED), path_stem=stem, M=M,
+                        seed=GAMMA_SEED, data=described, batch_size=batch_size, device=device)  # fmt: skip

@@ -42,8 +42,10 @@ def check_options(cfg: Mapping, world_size: int = 1) -> None:
     for key in FLAGS:
         if not isinstance(cfg.get(key), bool):
             problems.append(f"{key}={cfg.get(key)!r}: use true or false")
-    if cfg.get("spacing") not in timesteps.NAMES:
-        problems.append(f"spacing={cfg.get('spacing')!r}: choose one of {', '.join(timesteps.NAMES)}")
+    spacings = timesteps.NAMES + timesteps.GAMMA_SPACINGS
+    if cfg.get("spacing") not in spacings:
+        problems.append(f"spacing={cfg.get('spacing')!r}: choose one of {', '.join(spacings)}")
+    problems += _analytic_problems(cfg)
     if cfg.get("precision") not in PRECISIONS:
         problems.append(f"unknown precision={cfg.get('precision')!r}: choose one of {', '.join(PRECISIONS)}")
     if problem := _device_problem(cfg.get("device")):
@@ -61,6 +63,29 @@ def check_options(cfg: Mapping, world_size: int = 1) -> None:
         problems += _keyword_problems(group, cfg.get(group))
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def _analytic_problems(cfg: Mapping) -> list[str]:
+    """Analytic-DPM: its trajectory needs its sampler, its Gamma needs training images (gamma_M of a dataset)."""
+    try:
+        analytic = "gamma" in inspect.signature(instantiate(cfg.get("sampler")).func).parameters
+    except Exception:  # no sampler, or one whose own problem _keyword_problems reports
+        analytic = False
+    problems = []
+    if cfg.get("spacing") in timesteps.GAMMA_SPACINGS and not analytic:
+        problems.append(f"spacing={cfg.get('spacing')} is Analytic-DPM's optimal trajectory, made from the model's "
+                        "Gamma: use it with sampler=analytic_ddpm or sampler=analytic_ddim")  # fmt: skip
+    if analytic:
+        value = cfg.get("gamma_M")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"gamma_M={value!r}: use a whole number >= 1 (training images for Gamma; 100 is close "
+                            "to the paper's 50000)")  # fmt: skip
+        if cfg.get("pretrained") and not cfg.get("data"):
+            problems.append(
+                "an Analytic-DPM sampler with pretrained=: a diffusers folder does not name its dataset, "
+                "which Gamma is estimated on; pass data=NAME, e.g. data=cifar10 for google/ddpm-cifar10-32"
+            )
+    return problems
 
 
 def _device_problem(device) -> str | None:

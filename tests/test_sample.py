@@ -43,7 +43,8 @@ def script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_writes_an_npz_and_a_grid(sampler, ckpt, tmp_path):
-    images = draw(tmp_path, ckpt, f"sampler={sampler}", "steps=12", "png=true")
+    small = ["gamma_M=2"] if sampler.startswith("analytic") else []  # Gamma from 2 images: T x 2 network calls
+    images = draw(tmp_path, ckpt, f"sampler={sampler}", "steps=12", "png=true", *small)
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
     assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "images").glob("*.png"))) == 6
@@ -117,6 +118,14 @@ def test_fid_is_computed_against_the_training_data_and_recorded(ckpt, tmp_path, 
         (["precision=fp8"], "precision"),
         (["sampler.eta=2"], "sampler options: eta must lie in"),
         (["cache=deepcache", "cache.branch=99"], "branch=99 does not exist"),
+        (["spacing=analytic_optimal"], "analytic_optimal is Analytic-DPM's optimal trajectory.*analytic_ddpm"),
+        (["sampler=analytic_ddpm", "gamma_M=0"], "gamma_M=0: use a whole number >= 1"),
+        (["sampler=analytic_ddpm", "gamma_M=65"], "gamma_M=65 exceeds the 64 training images"),
+        (["sampler=analytic_ddim", "sampler.eta=1.5"], "sampler options: eta must lie in"),
+        (
+            ["sampler=analytic_ddpm", "gamma_M=2", "data=cifar10", "data.download=false", "paths.data_dir=/nowhere"],
+            "CIFAR-10 is not in /nowhere/cifar10",
+        ),
     ],
 )
 def test_bad_options_say_what_to_change(overrides, message, ckpt, tmp_path):
@@ -189,3 +198,31 @@ def test_two_processes_split_the_work_and_gather_the_same_images(ckpt, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "multi" / "samples.npz")["arr_0"], single)
     assert not list((tmp_path / "multi").glob(".part-*"))
+
+
+# -------------------------------------------------------------------- Analytic-DPM
+def test_analytic_dpm_computes_gamma_once_beside_the_checkpoint_and_reuses_it(ckpt, tmp_path, capsys):
+    """The issue's commands on a checkpoint: Gamma from its own training data, cached beside it (one file per
+    weights and M), said when computed; the optimal trajectory from the same Gamma."""
+    first = draw(tmp_path / "a", ckpt, "sampler=analytic_ddpm", "steps=10", "gamma_M=3")
+    said = capsys.readouterr().out
+    assert "computing Gamma (Analytic-DPM) once for this model" in said and str(ckpt.parent) in said
+    (cached,) = ckpt.parent.glob("last.ema.gamma.M3.*.npz")
+    again = draw(tmp_path / "b", ckpt, "sampler=analytic_ddpm", "steps=10", "gamma_M=3")
+    assert "computing Gamma" not in capsys.readouterr().out and list(ckpt.parent.glob("*.gamma.M3.*")) == [cached]
+    np.testing.assert_array_equal(first, again)
+    draw(tmp_path / "c", ckpt, "sampler=analytic_ddim", "sampler.eta=1", "steps=25", "gamma_M=3")
+    draw(tmp_path / "d", ckpt, "sampler=analytic_ddpm", "spacing=analytic_optimal", "steps=10", "gamma_M=3")
+    draw(tmp_path / "e", ckpt, "sampler=analytic_ddim", "spacing=even", "steps=10", "gamma_M=3", "use_ema=false")
+    assert len(list(ckpt.parent.glob("last.raw.gamma.M3.*.npz"))) == 1  # the raw weights have their own Gamma
+
+
+def test_analytic_dpm_on_a_pretrained_folder_needs_the_data_named(ckpt, tmp_path):
+    from diffusion import pretrained
+
+    folder = pretrained.export_checkpoint(ckpt, tmp_path / "folder")
+    common = [f"pretrained={folder}", "logger=none", "n_samples=2", "steps=5", "sampler=analytic_ddpm", "gamma_M=2"]
+    with pytest.raises(UsageError, match="does not name its dataset.*data=cifar10"):
+        sample(compose_config("sample", common, tmp_path / "no-data"))
+    images = sample(compose_config("sample", [*common, "data=synthetic", "data.image_size=16"], tmp_path / "ok"))
+    assert images.shape == (2, 16, 16, 3) and len(list(Path(folder).glob("analytic.ema.gamma.M2.*.npz"))) == 1
