@@ -15,7 +15,9 @@ step from the float64 schedule. Pair them with `timesteps.logsnr`, the papers' s
 
 Notation (code -> papers):
     alpha, sigma     sqrt(abar), sqrt(1 - abar); lam = log(alpha / sigma), half the log-SNR
-    h                lam_s - lam_t, the step; r_k = (lam_k - lam_t) / h for an earlier point k (negative)
+    h                lam_s - lam_t, the step
+    r_k              UniPC: (lam_k - lam_t) / h for an earlier point k (negative); DPM-Solver++: r_0, r_1 = h_0 / h,
+                     h_1 / h, the last two steps over this one (positive)
     m, x0            the data prediction x_theta(x_t, t) (DPM-Solver++ eq. 8; UniPC's model output m_t)
     D1_k             (m_k - m_0) / r_k, the divided differences of UniPC (DPM-Solver++ builds D1, D2 alike)
     phi_1            e^{-h} - 1: h phi_1(h) of the exponential integrator (UniPC eq. 5 with hh = -h)
@@ -67,7 +69,9 @@ def _multistep_x0(history: History, h: float, phi_1: float) -> Tensor:
     return m_0 - (phi_2 / phi_1) * d1 + (phi_3 / phi_1) * d2
 
 
-def _dpm_solver_multistep(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, order: int, clip: bool):
+def _dpm_solver_multistep(
+    model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, order: int, clip: bool
+) -> Tensor:
     """DPM-Solver++(order M): orders 1, 2, .. rising to `order` as the history fills, then first order onto clean
     data (it returns the last x0). NFE = S."""
     steps, _ = _steps(schedule, timesteps)
