@@ -114,3 +114,22 @@ def dead_pid() -> int:
         except PermissionError:
             pass
         pid -= 1
+
+
+def test_consistency_sections_resume_and_older_checkpoints_lack_them(tmp_path):
+    """A CD run's consistency section and teacher come back from its checkpoint; a checkpoint written before
+    consistency models (no such keys) resumes as the DDPM run it was; another teacher on resume is refused."""
+    saved = saved_config(tmp_path / "a")
+    saved["consistency"] = {"method": "cd", "N": 50, "k": 1, "solver": "ddim", "loss": "l2", "mu": 0.95, "phases": 1,
+                            "s0": 10, "s1": 1280}  # fmt: skip
+    saved["teacher"] = "teacher.ckpt"
+    cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt"], tmp_path / "b")
+    resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt"])
+    assert cfg.consistency.method == "cd" and cfg.teacher == "teacher.ckpt"
+    old = {k: v for k, v in saved_config(tmp_path / "c").items() if k not in ("consistency", "teacher")}
+    cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt"], tmp_path / "d")
+    resume.continue_run(cfg, old, [*NO_EXPERIMENT, "resume=x.ckpt"])
+    assert cfg.consistency is None and cfg.teacher is None
+    cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt", "teacher=other.ckpt"], tmp_path / "e")
+    with pytest.raises(UsageError, match="teacher: the run has 'teacher.ckpt'"):
+        resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt", "teacher=other.ckpt"])
