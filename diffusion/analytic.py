@@ -171,8 +171,9 @@ def analytic_ddim(
 # -------------------------------------------------------------------- the optimal trajectory (sec. 4)
 def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bounded: bool = True) -> Tensor:
     """The K = `steps` timesteps from T-1 down to 0 that minimise sum_k J(tau_{k-1}, tau_k), J the KL of one DDPM
-    step with the clipped analytic variance (`step_kl`), by dynamic programming (Bao et al. sec. 4): O(K T^2) in
-    float64. The prior and decoder terms are fixed by the ends, as in the official code. Descending int64."""
+    step with the clipped analytic variance (`cost_matrix`: Cov[x0 | x_t] non-decreasing in t), by dynamic
+    programming (Bao et al. sec. 4): O(K T^2) in float64. The prior and decoder terms are fixed by the ends, as in
+    the official code. Descending int64."""
     T = schedule.T
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
