@@ -1,20 +1,26 @@
-"""Quality vs steps on a known distribution: every sampler's distance to the data at 10 / 20 / 50 / 100 steps.
+"""Quality vs NFE on a known distribution: every sampler and option at 5 / 10 / 20 / 50 / 100 model evaluations.
 
-    python benchmarks/quality_vs_steps.py [--schedule linear|cosine|both] [--steps 10,20,50,100] [--samples 10000]
+    python benchmarks/quality_vs_steps.py [--schedule linear|cosine|both] [--nfe 5,10,20,50,100] [--samples 10000]
     python benchmarks/quality_vs_steps.py --checkpoint outputs/.../last.ckpt [--device cuda] [--batch 1000]
 
 The data is a mixture of Gaussian images (3x8x8 by default: 6 modes of random +-0.6 blocks, weights 1 : 2 : ... : 6,
 std 0.1) whose optimal noise predictor is known in closed form (diffusion.mixture), so what separates a sampler's
-output from the data is the sampler's own error: no training, no Inception network. Each cell is the Frechet
-distance in data space to the mixture's mean and covariance, the mode-weight error (total variation between the
-true weights and the share of samples nearest each mean) and the NFE. Every row starts from the same x_T (float64);
-the noise floor is the same metrics on exact samples of the same size (mean +- sd over 5 draws): below it, a
-difference between rows is sampling noise. Writes quality_<schedule>.md and quality_<schedule>.png to --out.
+output from the data is the sampler's own error: no training, no Inception network. Each column is a budget of
+model evaluations (NFE); each row takes the number of steps S that spends exactly that budget (F-PNDM: 4S - 3 for
+S <= 3, S + 9 after; S-PNDM and PLMS: S + 1; the others S), and a budget no S meets is left blank. Each cell: the
+Frechet distance in data space to the mixture's mean and covariance, the mode-weight error (total variation between
+the true weights and the share of samples nearest each mean), S; after the dot, paired measures (below). Every row
+starts from the same x_T (float64) and no sampler clips x0 (the data is unbounded). The noise floor is the same
+metrics on exact samples of the same size (mean +- sd over 5 draws): below it, a difference is sampling noise.
+Analytic-DPM's rows use Gamma of the model itself (Monte Carlo over --gamma-m mixture samples, estimate_gamma).
+Writes quality_<schedule>.md and quality_<schedule>.png (error vs NFE) to --out.
 
-With --checkpoint, the model is a network trained by train.py on `data=mixture` (`experiment=mixture`): the table is
-computed with it (and with DeepCache around it) and, for comparison, with the exact noise predictor of the same
-mixture and schedule. Each trained cell is also paired with the exact predictor's samples from the same x_T and
-noise: the RMS difference and the share of samples that land on another mode, the model's own error.
+Closed form: each cell is paired with the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M),
+ENDPOINT_STEPS log-SNR steps): RMS per pixel and the share of samples on another mode: a deterministic sampler's
+own discretisation error (a stochastic one lands elsewhere by design). With --checkpoint, the model is a network
+trained by train.py on `data=mixture` (`experiment=mixture`), with DeepCache and Skip-Tuning rows; the same rows run
+with the exact noise predictor of that mixture first, and each trained cell is paired with its exact twin (same
+sampler, steps, x_T and noise): the network's own error.
 """
 
 from __future__ import annotations
@@ -25,48 +31,128 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from diffusion import samplers, schedule, timesteps  # noqa: E402
+from diffusion import analytic, samplers, schedule, timesteps  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
 from diffusion.mixture import GaussianMixture  # noqa: E402
 from diffusion.schedule import Schedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR_DRAWS = 5
+ENDPOINT_STEPS = 500  # the exact ODE endpoint: DPM-Solver++(2M) at 500 log-SNR steps, as consistency_mixture.py
+# NFE of S steps, as each sampler's docstring documents (the others: S); checked against counted calls in `run`
+NFE = {"pndm": lambda S: 4 * S - 3 if S <= 3 else S + 9, "s_pndm": lambda S: S + 1 if S > 1 else 1}
+NFE["plms"] = NFE["s_pndm"]
+SKIP_RHO = (1.0, 0.8)  # Skip-Tuning's config default, used when results/skip_tuning.md has no sweep to read
 
 
 @dataclass(frozen=True)
 class Row:
-    """One sampler configuration: a table row."""
+    """One sampler configuration: a table row. `wrap(model, timesteps) -> model` puts DeepCache, Skip-Tuning or a
+    consistency student around (or in place of) the model."""
 
     name: str
     sampler: Callable[..., Tensor]
     spacing: str = "leading"
     options: dict = field(default_factory=dict)
-    cache: int = 0  # DeepCache interval N around a trained UNet (0: none)
+    wrap: Callable | None = None
 
 
+def nfe_steps(row: Row, nfe: int) -> int | None:
+    """The step count S at which `row` spends exactly `nfe` model evaluations (None if none does)."""
+    count = NFE.get(row.sampler.__name__, lambda S: S)
+    return next((S for S in range(1, nfe + 1) if count(S) == nfe), None)
+
+
+NO_CAP = {"noise_cap": None}  # Analytic-DPM's cap on the last noise is in 8-bit levels: the mixture has none
 ROWS = (
     Row("ddpm, σ²=β", samplers.ddpm, options={"variance": "beta"}),
-    Row("ddim η=1 = ddpm, σ²=β̃", samplers.ddim, options={"eta": 1.0}),  # the same update (one shared step)
+    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm),
+    Row("ddpm, σ²=β", samplers.ddpm, "even", {"variance": "beta"}),
+    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm, "even"),
+    Row("analytic_ddpm", analytic.analytic_ddpm, "even", NO_CAP),
+    Row("analytic_ddpm", analytic.analytic_ddpm, "analytic_optimal", NO_CAP),
+    Row("analytic_ddim η=0", analytic.analytic_ddim, "even", NO_CAP),
+    Row("analytic_ddim η=0", analytic.analytic_ddim, "analytic_optimal", NO_CAP),
     Row("ddim η=0", samplers.ddim),
+    Row("ddim η=0", samplers.ddim, "logsnr"),
     Row("pndm (F-PNDM)", samplers.pndm),
     Row("s_pndm", samplers.s_pndm),
     Row("plms", samplers.plms),
     Row("dpm_solver++(2M)", samplers.dpm_solver, "logsnr"),
     Row("dpm_solver++(2M)", samplers.dpm_solver),
-    Row("ddim η=0", samplers.ddim, "logsnr"),
+    Row("dpm_solver++(3M)", samplers.dpm_solver_3m, "logsnr"),
+    Row("unipc order 2", samplers.unipc, "logsnr", {"order": 2}),
+    Row("unipc order 3", samplers.unipc, "logsnr", {"order": 3}),
 )
-DEEPCACHE_ROWS = tuple(Row(f"ddim η=0 + DeepCache N={n}", samplers.ddim, cache=n) for n in (2, 3, 5))
+
+
+class Refused(Exception):
+    """A wrapper that cannot serve these steps (DeepCache's official rule finds no power): a blank cell, said why."""
+
+
+def deepcache(model, ts: Tensor, **options):
+    from diffusion.deepcache import DeepCache
+
+    try:
+        return DeepCache(model, ts, **options)
+    except ValueError as error:
+        raise Refused(str(error).split(":")[0]) from error
+
+
+def skip_tuning(model, ts: Tensor, rho: tuple[float, float]):
+    from diffusion.skiptuning import SkipTuning
+
+    return SkipTuning(model, rho_top=rho[0], rho_bottom=rho[1])
+
+
+OFFICIAL = {"schedule": "official", "center": 0.5, "power": 1.4}  # the official --center S/2 --pow 1.4
+DEEPCACHE_ROWS = tuple(
+    Row(f"ddim η=0 + DeepCache N={n}{', official' * bool(o)}", samplers.ddim, wrap=partial(deepcache, interval=n, **o))
+    for o in ({}, OFFICIAL)
+    for n in (2, 3, 5)
+)
+
+
+def skip_rows(rho: tuple[float, float]) -> tuple[Row, ...]:
+    name = f"+ Skip-Tuning ρ {rho[0]:g}:{rho[1]:g}"
+    wrap = partial(skip_tuning, rho=rho)
+    return (Row(f"ddim η=0 {name}", samplers.ddim, wrap=wrap),
+            Row(f"dpm_solver++(2M) {name}", samplers.dpm_solver, "logsnr", wrap=wrap))  # fmt: skip
+
+
+def skip_rho(path: Path) -> tuple[tuple[float, float], str]:
+    """The rho_top:rho_bottom that benchmarks/skip_tuning.py's sweep found best most often (bold cells), and where
+    it came from; SKIP_RHO if there is no sweep to read."""
+    text = path.read_text() if path.exists() else ""
+    head = next((line for line in text.splitlines() if line.startswith("| sampler | NFE |")), None)
+    if head is None:
+        return SKIP_RHO, f"{path.name} not found or without a sweep: the config default"
+    names = [c.strip() for c in head.strip("|").split("|")]
+    wins: dict[str, int] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(names) and line.startswith("| ") and any(c.startswith("**") for c in cells):
+            best = names[next(i for i, c in enumerate(cells) if c.startswith("**"))]
+            wins[best] = wins.get(best, 0) + 1
+    pairs = {k: re.search(r"ρ ([\d.]+):([\d.]+)", k) for k in wins}
+    pairs = {k: (float(m[1]), float(m[2])) for k, m in pairs.items() if m}
+    if not pairs:
+        return SKIP_RHO, f"{path.name} has no best cell: the config default"
+    best = max(pairs, key=lambda k: wins[k])
+    return pairs[best], f"best in {wins[best]} of {sum(wins.values())} rows of {path.name}"
 
 
 def image_mixture(image_size: int = 8, channels: int = 3, num_modes: int = 6, std: float = 0.1,
@@ -87,39 +173,47 @@ class Cell:
     frechet: float
     mode_error: float
     nfe: float
+    steps: int = 0
     full: float | None = None  # DeepCache's full UNet calls per sample run
-    # Against the exact predictor's samples from the same x_T and noise (same sampler, no cache): RMS difference per
-    # pixel and the share of samples that land nearest another mode. Paired, so free of the floor's sampling noise.
+    # (RMS difference per pixel, share of samples nearest another mode) against paired samples from the same x_T:
+    # the exact ODE endpoint, or the exact predictor's samples with the same noise. Free of the floor's noise.
     paired: tuple[float, float] | None = None
 
 
 def base_key(row: Row) -> tuple:
-    """What identifies a row's sampler run apart from DeepCache: the key its exact counterpart is stored under."""
+    """What identifies a row's sampler run apart from its wrapper: the key its exact counterpart is stored under."""
     return row.sampler.__name__, row.spacing, tuple(sorted(row.options.items()))
 
 
-def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int,
-        seed: int, clip: bool) -> tuple[Cell, Tensor]:  # fmt: skip
-    """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
-    ts = timesteps.make(row.spacing, steps, sched).to(x_T.device)
-    net = model
-    if row.cache:
-        from diffusion.deepcache import DeepCache
+def takes_gamma(row: Row) -> bool:
+    return "gamma" in inspect.signature(row.sampler).parameters or row.spacing in timesteps.GAMMA_SPACINGS
 
-        net = DeepCache(model, ts, interval=row.cache)
-    dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else x_T.dtype
-    calls = 0
+
+def as_dtype(model) -> Callable[[Tensor, Tensor], Tensor]:
+    """`model` fed in its parameters' dtype (float64 arithmetic around a float32 network)."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    return model if not params else lambda x, t: model(x.to(params[0].dtype), t).to(x.dtype)
+
+
+def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int, seed: int,
+        gamma: Tensor | None = None) -> tuple[Cell, Tensor]:  # fmt: skip
+    """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
+    ts = timesteps.make(row.spacing, steps, sched, gamma=gamma).to(x_T.device)
+    net = row.wrap(model, ts) if row.wrap else model
+    forward, calls = as_dtype(net), 0
 
     def counted(x: Tensor, t: Tensor) -> Tensor:  # the sampler's arithmetic stays in x_T's dtype (float64)
         nonlocal calls
         calls += 1
-        return net(x.to(dtype), t).to(x.dtype)
+        return forward(x, t)
 
     g = torch.Generator(x_T.device).manual_seed(seed + 1)  # fresh noise of the stochastic samplers
     chunks = x_T.split(batch)
-    out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=clip, **row.options) for x in chunks])
-    full = net.full_calls / len(chunks) if row.cache else None
-    return Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), full), out
+    options = row.options | ({"gamma": gamma} if "gamma" in inspect.signature(row.sampler).parameters else {})
+    out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=False, **options) for x in chunks])
+    full = net.full_calls / len(chunks) if hasattr(net, "full_calls") else None
+    cell = Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), steps, full)
+    return cell, out
 
 
 def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -131,29 +225,58 @@ def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, 
     return (fd.mean().item(), fd.std().item()), (mwe.mean().item(), mwe.std().item())
 
 
-def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, steps: Sequence[int], n: int, *,
-          seed: int = 0, batch: int | None = None, device: str = "cpu", clip: bool = True,
-          keep: bool = False, exact: dict | None = None) -> dict:  # fmt: skip
-    """Every row at every step count: {"cells": {(row index, steps): Cell}, "floor": ..., "seconds": ...}, with
-    "samples": {(base_key(row), steps): samples} if `keep`. `exact`: the "samples" of the exact predictor's table,
-    for the paired comparison."""
+def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, device: str) -> Tensor:
+    """Analytic-DPM's Gamma of `model` by Monte Carlo over M exact samples of the mixture (its training data)."""
+    x0 = data.sample(M, torch.Generator().manual_seed(seed + 10)).to(device)
+    g = torch.Generator(device).manual_seed(seed + 11)
+    big = not isinstance(model, torch.nn.Module)  # the closed form takes any batch; a network, a modest one
+    return analytic.estimate_gamma(as_dtype(model), x0, sched, batch_size=20000 if big else 512, generator=g)
+
+
+def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, columns: Sequence[int], n: int, *,
+          steps: Callable[[Row, int], int | None] = lambda row, c: c, seed: int = 0, batch: int | None = None,
+          device: str = "cpu", keep: bool = False, exact: dict | None = None, endpoint: int = 0,
+          gamma_m: int = 1000) -> dict:  # fmt: skip
+    """Every row at every column: {"cells": {(row index, column): Cell}, "blank": {(row index, column): why},
+    "floor", "seconds", "gamma_seconds"}, with "samples": {(base_key(row), steps): samples} if `keep`.
+
+    Args:
+        steps: the step count of a row in a column (default: the column itself), None for a blank cell.
+        exact: the "samples" of the exact predictor's table: each cell is paired with its twin there.
+        endpoint: if > 0, pair each cell with the ODE endpoint of `model` (DPM-Solver++(2M), that many log-SNR steps).
+    """
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x_T = x_T.to(device)
-    cells, samples = {}, {}
-    jobs = [(i, s) for i in range(len(rows)) for s in steps]
-    for i, s in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
-        bar.set_postfix_str(f"{rows[i].name} ({rows[i].spacing}), {s} steps")
-        cells[i, s], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, clip=clip)
+    gamma = gamma_of(model, data, sched, gamma_m, seed, device) if any(map(takes_gamma, rows)) else None
+    gamma_seconds = time.perf_counter() - start
+    reference = None
+    if endpoint:
+        ts = timesteps.logsnr(endpoint, sched)
+        reference = torch.cat([samplers.dpm_solver(as_dtype(model), x, sched, ts) for x in x_T.split(batch or n)])
+    cells, blank, samples = {}, {}, {}
+    jobs = [(i, c) for i in range(len(rows)) for c in columns]
+    for i, c in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
+        bar.set_postfix_str(f"{rows[i].name} ({rows[i].spacing}), {c}")
+        s = steps(rows[i], c)
+        if s is None:
+            blank[i, c] = "no step count spends exactly this many evaluations"
+            continue
+        try:
+            cells[i, c], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, gamma=gamma)
+        except Refused as why:  # said in the notes, not hidden
+            blank[i, c] = str(why)
+            continue
         key = (base_key(rows[i]), s)
-        if keep and not rows[i].cache:
+        if keep and not rows[i].wrap:
             samples[key] = out
-        if exact is not None and key in exact:
-            cells[i, s].paired = paired(data, out, exact[key])
+        twin = reference if reference is not None else (exact or {}).get(key)
+        if twin is not None:
+            cells[i, c].paired = paired(data, out, twin)
     seconds = time.perf_counter() - start
-    return {"cells": cells, "floor": noise_floor(data, n, seed), "seconds": seconds} | (
-        {"samples": samples} if keep else {}
-    )
+    result = {"cells": cells, "blank": blank, "floor": noise_floor(data, n, seed), "seconds": seconds,
+              "gamma_seconds": gamma_seconds}  # fmt: skip
+    return result | ({"samples": samples} if keep else {})
 
 
 def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float, float]:
@@ -165,69 +288,64 @@ def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float
 # ---------------------------------------------------------------- reporting
 
 
-PAIRED_LEGEND = (
-    "After the dot, against the exact noise predictor from the same x_T and noise (same sampler and steps, no",
-    "DeepCache): RMS difference per pixel, and the share of samples that land nearest another mode than their",
-    "exact twin. Paired, so these need no noise floor: they are the trained model's own error.",
-)
-
-
-def markdown(title: str, rows: Sequence[Row], steps: Sequence[int], result: dict) -> str:
-    """The table: one row per sampler configuration, one column per step count, and the noise floor."""
-    lines = [
-        f"### {title}",
-        "",
-        "Cells: Frechet distance in data space / mode-weight error (total variation), NFE in brackets.",
-        *(PAIRED_LEGEND if any(c.paired for c in result["cells"].values()) else ()),
-        "",
-        "| sampler | spacing | " + " | ".join(f"{s} steps" for s in steps) + " |",
-        "|---|---|" + "---|" * len(steps),
-    ]
+def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: dict, notes: Sequence[str] = ()) -> str:
+    """The table: one row per sampler configuration, one column per NFE budget, the noise floor, the notes."""
+    lines = [f"### {title}", "",
+             "Cells: Frechet distance in data space / mode-weight error (total variation), the steps S that spend the",
+             "column's NFE (F: DeepCache's full UNet calls); after the dot, paired measures from the same x_T: RMS",
+             "per pixel, share of samples on another mode (see the notes).", "",
+             "| sampler | spacing | " + " | ".join(f"{c} NFE" for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]  # fmt: skip
     for i, row in enumerate(rows):
-        cells = []
-        for s in steps:
-            c = result["cells"][i, s]
-            nfe = f"{c.nfe:g}" + (f", {c.full:g} full" if c.full is not None else "")
-            vs_exact = f" · {c.paired[0]:.3f}, {100 * c.paired[1]:.1f}%" if c.paired else ""
-            cells.append(f"{c.frechet:.3g} / {c.mode_error:.3f} ({nfe}){vs_exact}")
-        lines.append(f"| {row.name} | {row.spacing} | " + " | ".join(cells) + " |")
+        texts = []
+        for col in columns:
+            c = result["cells"].get((i, col))
+            if c is None:
+                texts.append("")
+                continue
+            extra = (f", F={c.full:g}" if c.full is not None else "") + (f", {c.nfe:g} NFE" if c.nfe != col else "")
+            vs = f" · {c.paired[0]:.3f}, {100 * c.paired[1]:.1f}%" if c.paired else ""
+            texts.append(f"{c.frechet:.3g} / {c.mode_error:.3f} (S={c.steps}{extra}){vs}")
+        lines.append(f"| {row.name} | {row.spacing} | " + " | ".join(texts) + " |")
     (fd, fd_sd), (mwe, mwe_sd) = result["floor"]
     floor = f"{fd:.3g}±{fd_sd:.2g} / {mwe:.3f}±{mwe_sd:.3f}"
-    lines.append("| noise floor: exact samples | | " + " | ".join([floor] * len(steps)) + " |")
-    lines += [
-        "",
-        f"Every row starts from the same x_T; the floor is the mean ± sd over {FLOOR_DRAWS} draws of exact samples.",
-        "sample.py's ddpm (posterior variance β̃) is ddim η=1 exactly. Spacings: leading = 0, k, 2k, ... with",
-        "k = T // steps (DDIM; never visits T-1), logsnr = uniform in log-SNR from T-1 (cosine: 996, below its",
-        "clipped tail) to 0 (DPM-Solver).",
-    ]
+    lines.append("| noise floor: exact samples | | " + " | ".join([floor] * len(columns)) + " |")
+    blanks = {}
+    for (i, col), why in result["blank"].items():
+        blanks.setdefault((rows[i].name, why), []).append(str(col))
+    lines += ["", f"Every row starts from the same x_T; the floor is the mean ± sd over {FLOOR_DRAWS} draws of exact "
+              "samples. No sampler clips x0. Spacings: leading = floor(i T / S) (DDIM), even = Analytic-DPM's even "
+              "trajectory, analytic_optimal = its DP trajectory on the model's Gamma, logsnr = uniform in log-SNR "
+              "(DPM-Solver; the cosine schedule from t = 996).", *notes]  # fmt: skip
+    lines += [f"Blank: {name} at {', '.join(cols)} NFE: {why}." for (name, why), cols in blanks.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, title: str, rows: Sequence[Row], steps: Sequence[int], result: dict) -> None:
-    """Frechet distance and mode-weight error against NFE, log-log, with the noise floor as a grey band."""
+def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], result: dict) -> None:
+    """Frechet distance and the paired RMS (or the mode-weight error) against NFE, log-log, with the noise floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    has_pair = any(c.paired for c in result["cells"].values())
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     for i, row in enumerate(rows):
-        cells = [result["cells"][i, s] for s in steps]
-        nfe = [c.nfe for c in cells]
-        label = f"{row.name} ({row.spacing})"
-        style = "-" if row.spacing == "leading" else "--"  # dashed: the spacing differs from the default
-        kw = dict(marker="os^"[i // 10 % 3], markersize=4, linestyle=style, color=f"C{i % 10}", label=label)
-        axes[0].plot(nfe, [c.frechet for c in cells], **kw)
-        axes[1].plot(nfe, [c.mode_error for c in cells], **kw)
-    names = ("Frechet distance (data space)", "mode-weight error")
-    for ax, (mean, sd), name in zip(axes, result["floor"], names, strict=True):
-        ax.axhspan(max(mean - sd, mean / 10), mean + sd, color="0.85", zorder=0)
-        ax.axhline(mean, color="0.5", linewidth=1, zorder=0, label="noise floor (exact samples)")
+        cells = [result["cells"][i, c] for c in columns if (i, c) in result["cells"]]
+        style = "-" if row.spacing in ("leading", "logsnr") else "--"  # dashed: Analytic-DPM's trajectories
+        kw = dict(marker="os^D"[i // 10 % 4], markersize=4, linestyle=style, color=f"C{i % 10}")
+        axes[0].plot([c.nfe for c in cells], [c.frechet for c in cells], label=f"{row.name} ({row.spacing})", **kw)
+        second = [c.paired[0] if has_pair else c.mode_error for c in cells]
+        axes[1].plot([c.nfe for c in cells], second, **kw)
+    (mean, sd), _ = result["floor"]
+    axes[0].axhspan(max(mean - sd, mean / 10), mean + sd, color="0.85", zorder=0)
+    axes[0].axhline(mean, color="0.5", linewidth=1, zorder=0, label="noise floor (exact samples)")
+    second = "paired RMS per pixel (see the table)" if has_pair else "mode-weight error"
+    for ax, name in zip(axes, ("Frechet distance (data space)", second), strict=True):
         ax.set(xscale="log", yscale="log", xlabel="NFE (model evaluations)", ylabel=name)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -268,34 +386,32 @@ def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--schedule",
-        choices=("linear", "cosine", "both"),
-        default=None,
-        help="the closed form's schedule(s), T=1000 (default: both; a checkpoint brings its own)",
-    )
-    parser.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
+    schedules = ("linear", "cosine", "both")
+    parser.add_argument("--schedule", choices=schedules, help="the closed form's schedule(s), T=1000 (default: both)")
+    parser.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated NFE budgets (the columns)")
     parser.add_argument("--samples", type=int, default=10000, help="samples per cell (and for the noise floor)")
+    parser.add_argument("--gamma-m", type=int, default=1000, help="mixture samples for Analytic-DPM's Gamma")
+    parser.add_argument("--endpoint-steps", type=int, default=ENDPOINT_STEPS, help="log-SNR steps of the exact ODE")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the .md tables and .png plots")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="a train.py checkpoint trained with data=mixture")
+    parser.add_argument("--skip-tuning", default=str(RESULTS / "skip_tuning.md"),
+                        help="benchmarks/skip_tuning.py's results, for the Skip-Tuning rows' rho")  # fmt: skip
     parser.add_argument("--batch", type=int, default=None, help="samples per sampler call (default: all at once)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 for the closed form, whose small ops lose to threading)",
-    )
-    parser.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip x0 to [-1, 1]")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the closed form's small ops)")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write the tables only")
     args = parser.parse_args(argv)
     try:
-        args.steps = [int(s) for s in args.steps.split(",")]
+        args.nfe = [int(s) for s in args.nfe.split(",")]
     except ValueError:
-        parser.error(f"--steps must be comma-separated integers such as 10,20,50,100, got {args.steps!r}")
-    if any(s < 1 for s in args.steps) or args.samples < 2 or (args.batch is not None and args.batch < 1):
-        parser.error("need --steps >= 1 each, --samples >= 2 and --batch >= 1")
+        parser.error(f"--nfe must be comma-separated integers such as 5,10,20,50,100, got {args.nfe!r}")
+    if any(s < 1 for s in args.nfe) or args.samples < 2 or (args.batch is not None and args.batch < 1):
+        parser.error("need --nfe >= 1 each, --samples >= 2 and --batch >= 1")
+    if args.endpoint_steps < 1:
+        parser.error(f"--endpoint-steps must be >= 1 (the exact ODE endpoint's steps), got {args.endpoint_steps}")
+    if args.gamma_m < 1:
+        parser.error(f"--gamma-m must be >= 1 (the paper: 10-100 already close), got {args.gamma_m}")
     if args.checkpoint and args.schedule:
         parser.error("--schedule applies to the closed form only: a checkpoint brings the schedule it was trained on")
     return args
@@ -315,35 +431,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
 
 def _main(args: argparse.Namespace) -> dict[str, dict]:
     out, results = Path(args.out), {}
-    opts = dict(seed=args.seed, batch=args.batch, device=args.device, clip=args.clip)
-    jobs = []  # (file name, title, rows, model, data, schedule)
+    opts = dict(steps=nfe_steps, seed=args.seed, batch=args.batch, device=args.device, gamma_m=args.gamma_m)
+    gamma = f"Gamma by Monte Carlo over M = {args.gamma_m} mixture samples"
+    jobs = []  # (file name, title, rows, model, data, schedule, notes)
     if args.checkpoint:
         model, sched, data, about = load_checkpoint(args.checkpoint, args.device)
-        where = f"{sched.name} schedule, T={sched.T}, {data}, {args.samples} samples"
+        where = f"{sched.name} schedule, T={sched.T}, {data}, {args.samples} samples, {gamma}"
+        rho, source = skip_rho(Path(args.skip_tuning))
+        notes = (f"Paired: against the exact predictor's samples from the same x_T and noise (same sampler and S; "
+                 f"analytic_optimal: on the exact predictor's own trajectory), the network's own error. Skip-Tuning "
+                 f"ρ {rho[0]:g}:{rho[1]:g}: {source}. DeepCache: branch below the first level; official = the "
+                 f"official non-uniform rule at centre S/2, pow 1.4.",)  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}_exact", f"Exact noise predictor ({where})",
-                     ROWS, data.model(sched), data, sched))  # fmt: skip
+                     ROWS, data.model(sched), data, sched, ()))  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {about} ({where})",
-                     ROWS + DEEPCACHE_ROWS, model, data, sched))  # fmt: skip
+                     ROWS + DEEPCACHE_ROWS + skip_rows(rho), model, data, sched, notes))  # fmt: skip
     else:
         data = image_mixture(seed=args.seed)
+        notes = (f"Paired: against the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M), "
+                 f"{args.endpoint_steps} log-SNR steps); for the stochastic rows (ddpm, analytic_*) a measure of how "
+                 "far their noise moves a sample, not an error. Consistency students (CD / CT / PCM at 1, 2, 4 steps): "
+                 "benchmarks/consistency_mixture.py, which trains them.",)  # fmt: skip
         for name in ("linear", "cosine") if args.schedule in (None, "both") else (args.schedule,):
             sched = getattr(schedule, name)(T=1000)
-            title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples"
-            jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched))
+            title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples, {gamma}"
+            jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched, notes))
     # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
     exact = None
-    for file, title, rows, model, data, sched in jobs:
-        if max(args.steps) > sched.T:
-            raise UsageError(f"--steps {max(args.steps)} exceeds the schedule's T={sched.T}")
+    for file, title, rows, model, data, sched, notes in jobs:
+        if max(args.nfe) > sched.T:
+            raise UsageError(f"--nfe {max(args.nfe)} exceeds the schedule's T={sched.T} steps")
         keep = bool(args.checkpoint) and exact is None
-        result = table(rows, model, data, sched, args.steps, args.samples, keep=keep, exact=exact, **opts)
+        endpoint = 0 if args.checkpoint else args.endpoint_steps
+        result = table(rows, model, data, sched, args.nfe, args.samples, keep=keep, exact=exact, endpoint=endpoint,
+                       **opts)  # fmt: skip
         exact = result.pop("samples", exact)  # large: not returned
-        text = markdown(title, rows, args.steps, result)
-        print(text + f"\n({result['seconds']:.0f} s)\n", flush=True)
+        timing = f"Run time: {result['seconds']:.0f} s on this CPU ({result['gamma_seconds']:.0f} s of it for Gamma)."
+        text = markdown(title, rows, args.nfe, result, (*notes, timing))
+        print(text, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{file}.md").write_text(text)
         if args.plot:
-            plot(out / f"{file}.png", title, rows, args.steps, result)
+            plot(out / f"{file}.png", title, rows, args.nfe, result)
         results[file] = result
     return results
 

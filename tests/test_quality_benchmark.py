@@ -1,65 +1,110 @@
-"""benchmarks/quality_vs_steps.py on tiny settings: the table's shape, the NFE each sampler documents, the noise
-floor below DDIM's 10-step error, and the checkpoint mode's plumbing (an untrained UNet on data=mixture)."""
+"""benchmarks/quality_vs_steps.py on tiny settings: the table's shape, every row at exactly its column's NFE (counted
+calls) and blank where no step count meets it, the noise floor below DDIM's 10-NFE error, the paired measures, the
+Skip-Tuning rho read from the sweep, and the checkpoint mode's plumbing (an untrained UNet on data=mixture)."""
 
 from __future__ import annotations
 
-import re
+import os
 
-import pytest
-import torch
+# The benchmark's Frechet distance runs eigh on 192 x 192 matrices: on a busy CPU, threaded OpenBLAS spins up to 60x
+# slower. Set before numpy loads (as the benchmark script does); in a whole-suite run an earlier file may load it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from benchmarks.quality_vs_steps import DEEPCACHE_ROWS, ROWS, image_mixture, main, table
-from diffusion.checkpoints import CheckpointError
-from diffusion.deepcache import uniform_steps
-from diffusion.errors import UsageError
-from diffusion.schedule import linear
-from diffusion.unet import UNet
+import re  # noqa: E402
 
-CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \((\d+)(?:, (\d+) full)?\)(?: · ([\d.]+), ([\d.]+)%)?$")
-DOCUMENTED_NFE = {"pndm": lambda s: s + 9, "s_pndm": lambda s: s + 1, "plms": lambda s: s + 1}  # others: s
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.quality_vs_steps import (  # noqa: E402
+    DEEPCACHE_ROWS,
+    ROWS,
+    SKIP_RHO,
+    Row,
+    image_mixture,
+    main,
+    nfe_steps,
+    skip_rho,
+    skip_rows,
+    table,
+)
+from diffusion import samplers  # noqa: E402
+from diffusion.checkpoints import CheckpointError  # noqa: E402
+from diffusion.deepcache import official_steps, uniform_steps  # noqa: E402
+from diffusion.errors import UsageError  # noqa: E402
+from diffusion.schedule import linear  # noqa: E402
+from diffusion.unet import UNet  # noqa: E402
+
+CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \(S=(\d+)(?:, F=(\d+))?\)(?: · ([\d.]+), ([\d.]+)%)?$")
 
 
-def parse_table(text: str, steps: list[int]) -> tuple[dict[tuple[str, str], list[tuple]], list[str]]:
-    """{(sampler, spacing): [(frechet, mode error, nfe, full, RMS vs exact, % flipped; None where absent) per step
-    count]}, and the floor's cells."""
+def parse_table(text: str, columns: list[int]) -> tuple[dict[tuple[str, str], list[tuple | None]], list[str]]:
+    """{(sampler, spacing): [(frechet, mode error, S, full, RMS paired, % flipped; None where absent) or None for a
+    blank cell, per column]}, and the floor's cells."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert lines[0] == "| sampler | spacing | " + " | ".join(f"{s} steps" for s in steps) + " |"
+    assert lines[0] == "| sampler | spacing | " + " | ".join(f"{c} NFE" for c in columns) + " |"
     rows = {}
     for line in lines[2:-1]:
         name, spacing, *cells = (c.strip() for c in line.strip("|").split("|"))
-        assert len(cells) == len(steps), line
-        parsed = [CELL.match(c) for c in cells]
-        assert all(parsed), line
+        assert len(cells) == len(columns), line
+        parsed = [CELL.match(c) if c else None for c in cells]
+        assert all(m or not c for m, c in zip(parsed, cells, strict=True)), line
         rows[name, spacing] = [
-            (float(m[1]), float(m[2]), int(m[3]), m[4] and int(m[4]), m[5] and float(m[5]), m[6] and float(m[6]))
+            m and (float(m[1]), float(m[2]), int(m[3]), m[4] and int(m[4]), m[5] and float(m[5]), m[6] and float(m[6]))
             for m in parsed
         ]
     floor = [c.strip() for c in lines[-1].strip("|").split("|")]
-    assert floor[0] == "noise floor: exact samples" and len(floor) == 2 + len(steps)
+    assert floor[0] == "noise floor: exact samples" and len(floor) == 2 + len(columns)
     return rows, floor[2:]
 
 
+def test_nfe_steps_inverts_the_counted_calls_of_every_sampler():
+    """For every row and every budget 1..30: the S it picks spends exactly the budget (counted), and None only where
+    no S up to 30 does (all of this small space)."""
+    sched, x = linear(T=1000), torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    gamma = torch.full((1000,), 0.5, dtype=torch.float64)
+    for row in {r.sampler.__name__: r for r in ROWS}.values():
+        counts = {}
+        for S in range(1, 31):
+            calls = []
+            options = row.options | ({"gamma": gamma} if "analytic" in row.sampler.__name__ else {})
+            row.sampler(lambda x, t, calls=calls: calls.append(1) or torch.zeros_like(x), x, sched,
+                        torch.arange(999, -1, -1000 // S)[:S], clip=False, **options)  # fmt: skip
+            counts[S] = len(calls)
+        for budget in range(1, 31):
+            reachable = [S for S, n in counts.items() if n == budget]
+            assert nfe_steps(row, budget) == (min(reachable) if reachable else None), (row.name, budget)
+    assert nfe_steps(ROWS[[r.sampler for r in ROWS].index(samplers.pndm)], 10) is None  # F-PNDM: 9 or 13
+
+
 def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
-    steps = [10, 20]
-    results = main(["--schedule", "linear", "--steps", "10,20", "--samples", "1500", "--out", str(tmp_path)])
+    columns = [5, 10]
+    argv = ["--schedule", "linear", "--nfe", "5,10", "--samples", "500", "--gamma-m", "20", "--endpoint-steps", "50"]
+    results = main([*argv, "--out", str(tmp_path)])
     text = (tmp_path / "quality_linear.md").read_text()
-    rows, _ = parse_table(text, steps)
+    rows, _ = parse_table(text, columns)
     assert list(rows) == [(r.name, r.spacing) for r in ROWS]
     assert (tmp_path / "quality_linear.png").stat().st_size > 10_000
     assert not (tmp_path / "quality_cosine.md").exists()
 
-    for row in ROWS:
-        name = row.sampler.__name__
-        nfe = [cell[2] for cell in rows[row.name, row.spacing]]
-        assert nfe == [DOCUMENTED_NFE.get(name, lambda s: s)(s) for s in steps], row
-
     result = results["quality_linear"]
+    for i, row in enumerate(ROWS):
+        for c in columns:
+            if nfe_steps(row, c) is None:
+                assert (i, c) not in result["cells"] and rows[row.name, row.spacing][columns.index(c)] is None
+            else:  # the documented NFE, as counted while sampling, is the column's
+                assert result["cells"][i, c].nfe == c, (row, c)
+    assert "Blank: pndm (F-PNDM) at 10 NFE" in text and len(result["blank"]) == 1
+
     (floor_fd, floor_sd), (floor_mwe, _) = result["floor"]
     ddim = ROWS.index(next(r for r in ROWS if r.name == "ddim η=0" and r.spacing == "leading"))
-    assert floor_fd + 3 * floor_sd < result["cells"][ddim, 10].frechet  # DDIM's 10-step error is measurable
+    assert floor_fd + 3 * floor_sd < result["cells"][ddim, 10].frechet  # DDIM's 10-NFE error is measurable
     assert 0 <= floor_mwe < 0.05
-    best = min(result["cells"][i, 20].frechet for i in range(len(ROWS)))
-    assert best < floor_fd + 3 * floor_sd  # and the best 20-step sampler reaches the floor: the metric is sound
+    best = min(cell.frechet for (i, c), cell in result["cells"].items() if c == 10)
+    assert best < floor_fd + 3 * floor_sd  # and the best 10-NFE sampler reaches the floor: the metric is sound
+    # Paired with the exact ODE endpoint: an ODE solver nears it with more NFE; ancestral sampling does not.
+    dpm = ROWS.index(next(r for r in ROWS if r.sampler is samplers.dpm_solver and r.spacing == "logsnr"))
+    assert result["cells"][dpm, 10].paired[0] < result["cells"][dpm, 5].paired[0] < result["cells"][0, 5].paired[0]
+    assert result["cells"][0, 10].paired[1] > 0.3  # DDPM's fresh noise moves many samples to another mode
 
 
 def save_checkpoint(path, data: dict) -> None:
@@ -81,42 +126,58 @@ MIXTURE = {"_target_": "diffusion.synthetic.Mixture", "root": "", "num_images": 
 
 def test_checkpoint_mode_writes_the_trained_and_the_exact_tables(tmp_path):
     save_checkpoint(tmp_path / "last.ckpt", MIXTURE)
-    argv = [
-        "--checkpoint",
-        str(tmp_path / "last.ckpt"),
-        "--steps",
-        "4",
-        "--samples",
-        "12",
-        "--batch",
-        "5",
-        "--threads",
-        "1",
-    ]
-    main([*argv, "--out", str(tmp_path), "--no-plot"])
+    argv = ["--checkpoint", str(tmp_path / "last.ckpt"), "--nfe", "3", "--samples", "12", "--batch", "5",
+            "--threads", "1", "--gamma-m", "2", "--skip-tuning", str(tmp_path / "none.md")]  # fmt: skip
+    results = main([*argv, "--out", str(tmp_path), "--no-plot"])
     trained_md = (tmp_path / "quality_checkpoint_linear.md").read_text()
     params = sum(v.numel() for v in torch.load(tmp_path / "last.ckpt")["state_dict"].values())
     assert f"last.ckpt: UNet of {params / 1e6:.2f}M parameters, EMA weights after 7 training steps" in trained_md
-    trained, _ = parse_table(trained_md, [4])
-    exact, _ = parse_table((tmp_path / "quality_checkpoint_linear_exact.md").read_text(), [4])
-    assert list(trained) == [(r.name, r.spacing) for r in ROWS + DEEPCACHE_ROWS]
-    assert list(exact) == [(r.name, r.spacing) for r in ROWS]  # DeepCache needs a UNet
+    assert f"Skip-Tuning ρ {SKIP_RHO[0]:g}:{SKIP_RHO[1]:g}: none.md not found" in trained_md
+    trained, _ = parse_table(trained_md, [3])
+    exact, _ = parse_table((tmp_path / "quality_checkpoint_linear_exact.md").read_text(), [3])
+    assert list(trained) == [(r.name, r.spacing) for r in ROWS + DEEPCACHE_ROWS + skip_rows(SKIP_RHO)]
+    assert list(exact) == [(r.name, r.spacing) for r in ROWS]  # DeepCache and Skip-Tuning need a UNet
     for row in DEEPCACHE_ROWS:  # NFE per batch of 5 (three batches: 5, 5, 2), full UNet calls as DeepCache plans
-        (_, _, nfe, full, _, _) = trained[row.name, row.spacing][0]
-        assert (nfe, full) == (4, len(uniform_steps(4, row.cache)))
-    # The paired comparison: every trained row against its exact twin (an untrained UNet is far from it).
-    assert all(cells[0][4] > 0.05 and 0 <= cells[0][5] <= 100 for cells in trained.values())
-    assert all(cells[0][4] is None for cells in exact.values())
+        n, official = row.wrap.keywords["interval"], row.wrap.keywords.get("schedule") == "official"
+        try:
+            full = len(official_steps(3, n, 2, 1.4) if official else uniform_steps(3, n))
+        except ValueError:  # the official rule finds no power: a blank cell, said so
+            assert trained[row.name, row.spacing] == [None] and f"Blank: {row.name} at 3 NFE" in trained_md
+            continue
+        assert trained[row.name, row.spacing][0][2:4] == (3, full)
+    cells = results["quality_checkpoint_linear"]["cells"]
+    assert all(c.nfe == 3 for c in cells.values())
+    # The paired comparison: every trained cell against its exact twin (an untrained UNet is far from it).
+    assert all(c[0][4] > 0.05 and 0 <= c[0][5] <= 100 for c in trained.values() if c[0])
+    assert all(c[0] is None or c[0][4] is None for c in exact.values())
+
+
+def test_skip_rho_reads_the_sweeps_most_frequent_best(tmp_path):
+    sweep = tmp_path / "skip_tuning.md"
+    sweep.write_text(
+        "### Skip-Tuning\n\n| sampler | NFE | exact predictor | ρ 1:1 (plain) | ρ 1:0.7 | ρ 0.8:0.8 |\n"
+        "|---|---|---|---|---|---|\n"
+        "| ddim η=0 | 5 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | **0.2 · 1% · 1** | 0.4 · 1% · 1 |\n"
+        "| ddim η=0 | 10 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | 0.4 · 1% · 1 | **0.2 · 1% · 1** |\n"
+        "| pndm | 10 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | **0.2 · 1% · 1** | 0.4 · 1% · 1 |\n\n"
+        "| model | before | after |\n|---|---|---|\n| unet | **1** | 2 |\n"
+    )
+    assert skip_rho(sweep) == ((1.0, 0.7), "best in 2 of 3 rows of skip_tuning.md")
+    assert skip_rho(tmp_path / "missing.md")[0] == SKIP_RHO
 
 
 def test_paired_comparison_of_the_exact_predictor_with_itself_is_zero():
     data, sched = image_mixture(image_size=4, num_modes=3), linear(T=1000)
-    rows = ROWS[:3] + ROWS[-1:]  # stochastic (fresh noise, seeded alike) and deterministic samplers
-    exact = table(rows, data.model(sched), data, sched, [3], 16, keep=True)
-    again = table(rows, data.model(sched), data, sched, [3], 16, exact=exact["samples"])
+    names = ("ddpm, σ²=β", "analytic_ddpm", "ddim η=0", "unipc order 3")  # stochastic (seeded alike), Gamma, ODE
+    rows = [next(r for r in ROWS if r.name == n) for n in names]
+    exact = table(rows, data.model(sched), data, sched, [3], 16, keep=True, gamma_m=4)
+    again = table(rows, data.model(sched), data, sched, [3], 16, exact=exact["samples"], gamma_m=4)
     assert "samples" not in again and all(cell.paired == (0.0, 0.0) for cell in again["cells"].values())
-    other = table(rows, data.model(sched), data, sched, [3], 16, seed=1, exact=exact["samples"])
+    other = table(rows, data.model(sched), data, sched, [3], 16, seed=1, exact=exact["samples"], gamma_m=4)
     assert all(cell.paired[0] > 0.1 for cell in other["cells"].values())  # another x_T: far from the twins
+    # Columns are steps by default (as benchmarks/consistency_mixture.py calls it): F-PNDM's 3 steps spend 9 NFE
+    pndm = table((Row("pndm", samplers.pndm),), data.model(sched), data, sched, [3], 16)
+    assert pndm["cells"][0, 3].nfe == 9 and pndm["cells"][0, 3].steps == 3
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
@@ -130,12 +191,14 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="shape"):
         main(["--checkpoint", str(tmp_path / "big.ckpt"), "--out", str(tmp_path)])
     for argv in (
-        ["--steps", "10,x"],
-        ["--steps", "0"],
+        ["--nfe", "10,x"],
+        ["--nfe", "0"],
         ["--samples", "1"],
+        ["--gamma-m", "0"],
+        ["--endpoint-steps", "0"],
         ["--checkpoint", "a", "--schedule", "linear"],
     ):
         with pytest.raises(SystemExit):
             main([*argv, "--out", str(tmp_path)])
     with pytest.raises(UsageError, match="T=1000"):
-        main(["--steps", "1001", "--schedule", "linear", "--samples", "4", "--out", str(tmp_path), "--no-plot"])
+        main(["--nfe", "1001", "--schedule", "linear", "--samples", "4", "--out", str(tmp_path), "--no-plot"])
