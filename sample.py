@@ -48,9 +48,10 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
             sampler = functools.partial(sampler, gamma=gamma)
         ts = timesteps.make(cfg.spacing, cfg.steps, schedule, gamma=gamma)
         group = "skip"
-        try:  # Skip-Tuning's and DeepCache's own checks on this UNet
-            group, net = "skip", instantiate(cfg.skip)(model) if cfg.skip else model
-            group, net = "cache", instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
+        try:  # Skip-Tuning's and DeepCache's own checks on this UNet; `group` names the one that failed
+            net = instantiate(cfg.skip)(model) if cfg.skip else model
+            group = "cache"
+            net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
         except ValueError as error:
             raise UsageError(f"{group} options: {error}") from error
         if PRECISIONS[cfg.precision] is not None:
