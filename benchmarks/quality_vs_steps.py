@@ -134,25 +134,28 @@ def skip_rows(rho: tuple[float, float]) -> tuple[Row, ...]:
 
 
 def skip_rho(path: Path) -> tuple[tuple[float, float], str]:
-    """The rho_top:rho_bottom that benchmarks/skip_tuning.py's sweep found best most often (bold cells), and where
-    it came from; SKIP_RHO if there is no sweep to read."""
-    text = path.read_text() if path.exists() else ""
-    head = next((line for line in text.splitlines() if line.startswith("| sampler | NFE |")), None)
+    """The rho_top:rho_bottom other than 1:1 that benchmarks/skip_tuning.py's sweep found best (bold) in the most
+    rows, and where it came from; SKIP_RHO if there is no sweep to read. Rows where the plain network won count for
+    no rho (they are said)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    head = next((line for line in lines if line.startswith("| sampler | NFE |")), None)
     if head is None:
         return SKIP_RHO, f"{path.name} not found or without a sweep: the config default"
     names = [c.strip() for c in head.strip("|").split("|")]
-    wins: dict[str, int] = {}
-    for line in text.splitlines():
+    wins, rows = {}, 0
+    for line in lines[lines.index(head) + 2 :]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == len(names) and line.startswith("| ") and any(c.startswith("**") for c in cells):
-            best = names[next(i for i, c in enumerate(cells) if c.startswith("**"))]
-            wins[best] = wins.get(best, 0) + 1
-    pairs = {k: re.search(r"ρ ([\d.]+):([\d.]+)", k) for k in wins}
-    pairs = {k: (float(m[1]), float(m[2])) for k, m in pairs.items() if m}
-    if not pairs:
-        return SKIP_RHO, f"{path.name} has no best cell: the config default"
-    best = max(pairs, key=lambda k: wins[k])
-    return pairs[best], f"best in {wins[best]} of {sum(wins.values())} rows of {path.name}"
+        if not line.startswith("|") or len(cells) != len(names):
+            break
+        rows += 1
+        for name, cell in zip(names, cells, strict=True):
+            if cell.startswith("**") and (m := re.search(r"ρ ([\d.]+):([\d.]+)", name)):
+                wins[float(m[1]), float(m[2])] = wins.get((float(m[1]), float(m[2])), 0) + 1
+    plain = wins.pop((1.0, 1.0), 0)
+    if not wins:
+        return SKIP_RHO, f"no ρ other than 1:1 was best in {path.name}: the config default"
+    best = max(wins, key=wins.get)
+    return best, f"best in {wins[best]} of {rows} rows of {path.name}, the most of any ρ but 1:1 (best in {plain})"
 
 
 def image_mixture(image_size: int = 8, channels: int = 3, num_modes: int = 6, std: float = 0.1,

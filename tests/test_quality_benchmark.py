@@ -158,12 +158,18 @@ def test_skip_rho_reads_the_sweeps_most_frequent_best(tmp_path):
         "### Skip-Tuning\n\n| sampler | NFE | exact predictor | ρ 1:1 (plain) | ρ 1:0.7 | ρ 0.8:0.8 |\n"
         "|---|---|---|---|---|---|\n"
         "| ddim η=0 | 5 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | **0.2 · 1% · 1** | 0.4 · 1% · 1 |\n"
+        "| ddim η=0 | 9 | 0.1 · 0% · 1 | **0.3 · 1% · 1** | 0.2 · 1% · 1 | 0.4 · 1% · 1 |\n"
+        "| ddim η=0 | 9 | 0.1 · 0% · 1 | **0.3 · 1% · 1** | 0.2 · 1% · 1 | 0.4 · 1% · 1 |\n"
+        "| ddim η=0 | 9 | 0.1 · 0% · 1 | **0.3 · 1% · 1** | 0.2 · 1% · 1 | 0.4 · 1% · 1 |\n"
         "| ddim η=0 | 10 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | 0.4 · 1% · 1 | **0.2 · 1% · 1** |\n"
         "| pndm | 10 | 0.1 · 0% · 1 | 0.3 · 1% · 1 | **0.2 · 1% · 1** | 0.4 · 1% · 1 |\n\n"
         "| model | before | after |\n|---|---|---|\n| unet | **1** | 2 |\n"
     )
-    assert skip_rho(sweep) == ((1.0, 0.7), "best in 2 of 3 rows of skip_tuning.md")
+    why = "best in 2 of 6 rows of skip_tuning.md, the most of any ρ but 1:1 (best in 3)"
+    assert skip_rho(sweep) == ((1.0, 0.7), why)
     assert skip_rho(tmp_path / "missing.md")[0] == SKIP_RHO
+    sweep.write_text(sweep.read_text().replace("**0.2 · 1% · 1**", "0.2 · 1% · 1"))  # only the plain net wins
+    assert skip_rho(sweep) == (SKIP_RHO, "no ρ other than 1:1 was best in skip_tuning.md: the config default")
 
 
 def test_paired_comparison_of_the_exact_predictor_with_itself_is_zero():
