@@ -252,12 +252,14 @@ def test_sample_py_with_skip_tuning_and_deepcache(folder, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [("+skip.rho_botom=0.8", "skip.rho_botom is not an option of SkipTuning: its options are rho_top, rho_bottom"),
-     ("skip.rho_bottom=0", r"options: rho_bottom=0(\.0)? must be finite and > 0"),
-     ("skip.rho_top=-1", r"options: rho_top=-1(\.0)? must be finite and > 0")],
+     ("skip.rho_bottom=0", r"^skip options: rho_bottom=0(\.0)? must be finite and > 0"),
+     ("skip.rho_top=-1", r"^skip options: rho_top=-1(\.0)? must be finite and > 0"),
+     ("cache.interval=0", r"^cache options: .*interval=0 must be an int >= 1")],
 )  # fmt: skip
 def test_sample_py_names_a_bad_skip_option(folder, tmp_path, override, message):
+    """The message names the group whose option is bad, also when both wrappers are on."""
     with pytest.raises(UsageError, match=message):
-        draw(tmp_path, folder, "skip=tuning", override)
+        draw(tmp_path, folder, "skip=tuning", "cache=deepcache", override)
 
 
 def test_a_misspelt_skip_option_is_named_when_the_config_composes(tmp_path):
