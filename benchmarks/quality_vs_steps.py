@@ -60,8 +60,8 @@ SKIP_RHO = (1.0, 0.8)  # Skip-Tuning's config default, used when results/skip_tu
 
 @dataclass(frozen=True)
 class Row:
-    """One sampler configuration: a table row. `wrap(model, timesteps) -> model` puts DeepCache, Skip-Tuning or a
-    consistency student around (or in place of) the model."""
+    """One sampler configuration: a table row. `wrap(model, timesteps) -> model` puts DeepCache or Skip-Tuning
+    around the model (DESIGN principle 3: the sampler never knows)."""
 
     name: str
     sampler: Callable[..., Tensor]
@@ -104,6 +104,7 @@ class Refused(Exception):
 
 
 def deepcache(model, ts: Tensor, **options):
+    """DeepCache (Ma et al. 2024) around `model`, planned on the sampler's timesteps `ts`."""
     from diffusion.deepcache import DeepCache
 
     try:
@@ -113,6 +114,7 @@ def deepcache(model, ts: Tensor, **options):
 
 
 def skip_tuning(model, ts: Tensor, rho: tuple[float, float]):
+    """Skip-Tuning (Ma et al. 2024) around `model`: skips scaled from rho[0] (top) to rho[1] (bottom)."""
     from diffusion.skiptuning import SkipTuning
 
     return SkipTuning(model, rho_top=rho[0], rho_bottom=rho[1])
@@ -127,6 +129,7 @@ DEEPCACHE_ROWS = tuple(
 
 
 def skip_rows(rho: tuple[float, float]) -> tuple[Row, ...]:
+    """Skip-Tuning around the two few-step ODE samplers it is meant for (DDIM, DPM-Solver++(2M) on log-SNR steps)."""
     name = f"+ Skip-Tuning ρ {rho[0]:g}:{rho[1]:g}"
     wrap = partial(skip_tuning, rho=rho)
     return (Row(f"ddim η=0 {name}", samplers.ddim, wrap=wrap),
