@@ -3,8 +3,9 @@ weights, with and without torch.compile, and DeepCache against the MACs ratio an
 
 Both sides start from the same x_T: ours draws it as DDIMPipeline does (one `torch.randn` of the batch from a
 generator seeded on the device), and both return images in [0, 1] on the host, so each run does the same work and
-the RMS difference of the images checks that the two pipelines compute the same thing. Our DDIM clips x0 and
-takes eps consistent with the clipped x0 (as the DDIM paper's code does), which is DDIMPipeline's
+the RMS difference of the images checks that the two pipelines compute the same thing. DDIMPipeline clips x0
+(its scheduler's clip_sample=True), so ours is asked to clip too (`clip=True`; the DDIM paper's code, and so our
+default, does not) and takes eps consistent with the clipped x0, which is DDIMPipeline's
 use_clipped_model_output=True. (DDIMPipeline returns a
 tensor here, output_type="pt", as numpy has no bf16 for the bf16-weights run.)
 """
@@ -60,7 +61,7 @@ def sampling_rows(model: UNet, *, batch: int, steps: int, device: torch.device, 
     def ours(net) -> Callable[[], Tensor]:
         def run() -> Tensor:
             x_T = torch.randn(shape, generator=torch.Generator(device).manual_seed(0), device=device)
-            return (samplers.ddim(net, x_T, sched, ts) / 2 + 0.5).clamp(0, 1).float().cpu()
+            return (samplers.ddim(net, x_T, sched, ts, clip=True) / 2 + 0.5).clamp(0, 1).float().cpu()
 
         return run
 
