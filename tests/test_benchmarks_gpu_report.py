@@ -56,10 +56,13 @@ def test_cpu_smoke_runs_every_benchmark_part_and_writes_only_to_out(tmp_path):
     assert 1 < float(cache["2"][3].rstrip("x")) < float(cache["3"][3].rstrip("x"))  # MACs speed-up grows with N
 
 
-def test_the_tests_part_reports_each_gpu_test_with_its_outcome_and_note(tmp_path):
+def test_the_tests_part_reports_each_gpu_test_with_its_outcome_and_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_SUITE_HAS_NO_GPU", "1")  # the fake suite's skip condition, as a real gpu test's
     suite = tmp_path / "test_fake.py"
     suite.write_text(
         textwrap.dedent("""
+        import os
+
         import pytest
 
         pytestmark = pytest.mark.gpu
@@ -67,7 +70,7 @@ def test_the_tests_part_reports_each_gpu_test_with_its_outcome_and_note(tmp_path
         def test_fine(record_property):
             record_property("inception", "random weights")
 
-        @pytest.mark.skip(reason="needs a CUDA GPU")
+        @pytest.mark.skipif(os.environ.get("FAKE_SUITE_HAS_NO_GPU") == "1", reason="needs a CUDA GPU")
         def test_skipped():
             pass
 
