@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.testbed import CIFAR10, jittered
 from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
+from diffusion.deepcache import DeepCache, cached_cost, count_ops, macs_speedup
 from diffusion.unet import UNet
 
 PAPER = {2: (1.40, 1.47), 3: (1.61, 1.72), 5: (1.85, 2.03), 10: (2.07, 2.32)}  # measured, MACs
@@ -141,29 +141,12 @@ def main() -> None:
 def official_count(model: nn.Module, call) -> int:
     """MACs as the official DeepCache counter (DeepCache/flops.py) counts them: convs and linear layers with their
     bias adds, GroupNorm at 2 per element, and nothing for the attention products (torch.bmm, not a module)."""
-    total = 0
-
-    def conv(m: nn.Conv2d, args, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * (m.in_channels // m.groups * math.prod(m.kernel_size) + (m.bias is not None))
-
-    def linear(m: nn.Linear, args, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features + (out.shape[-1] if m.bias is not None else 0)
-
-    def norm(m: nn.GroupNorm, args, out: torch.Tensor) -> None:
-        nonlocal total
-        total += args[0].numel() * (2 if m.affine else 1)
-
-    kinds = [(nn.Conv2d, conv), (nn.Linear, linear), (nn.GroupNorm, norm)]
-    hooks = [m.register_forward_hook(f) for m in model.modules() for kind, f in kinds if isinstance(m, kind)]
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total
+    return count_ops(model, call, {
+        nn.Conv2d: lambda m, args, out: out.numel() * (m.in_channels // m.groups * math.prod(m.kernel_size)
+                                                       + (m.bias is not None)),
+        nn.Linear: lambda m, args, out: out.numel() * m.in_features + (out.shape[-1] if m.bias is not None else 0),
+        nn.GroupNorm: lambda m, args, out: args[0].numel() * (2 if m.affine else 1),
+    })  # fmt: skip
 
 
 def macs_tables(steps: int = 100, intervals: tuple[int, ...] = (2, 3, 5, 10), center: float = 0.5,

@@ -45,6 +45,7 @@ __all__ = [
     "nonuniform_steps",
     "official_steps",
     "count_macs",
+    "count_ops",
     "cached_cost",
     "macs_speedup",
 ]
@@ -297,29 +298,38 @@ def _locate(model: UNet, branch: int | None) -> tuple[int, tuple[int, int], tupl
 
 def count_macs(model: nn.Module, call: Callable[[], object]) -> int:
     """Multiply-accumulates of the convs, linear layers and attention products in `model` during `call()`."""
+
+    def attention(m: Attention, args, out: Tensor) -> int:  # q k^T and softmax(.) v, each HW x HW x C
+        b, c, height, width = args[0].shape
+        return 2 * b * (height * width) ** 2 * c
+
+    return count_ops(model, call, {
+        nn.Conv2d: lambda m, args, out: out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size),
+        nn.Linear: lambda m, args, out: out.numel() * m.in_features,
+        Attention: attention,
+    })  # fmt: skip
+
+
+def count_ops(model: nn.Module, call: Callable[[], object], counters: dict[type, Callable[..., int]]) -> int:
+    """The sum, over every forward of a submodule of a type in `counters` during `call()` (under no_grad), of
+    counters[type](module, inputs, output): MACs by whichever convention the counters encode."""
     total = 0
 
-    def conv(m: nn.Conv2d, args, out: Tensor) -> None:
-        nonlocal total
-        total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    def hook(counter: Callable[..., int]) -> Callable[..., None]:
+        def add(m: nn.Module, args, out: Tensor) -> None:
+            nonlocal total
+            total += counter(m, args, out)
 
-    def linear(m: nn.Linear, args, out: Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features
+        return add
 
-    def attention(m: Attention, args, out: Tensor) -> None:  # q k^T and softmax(.) v, each HW x HW x C
-        nonlocal total
-        b, c, height, width = args[0].shape
-        total += 2 * b * (height * width) ** 2 * c
-
-    kinds = [(nn.Conv2d, conv), (nn.Linear, linear), (Attention, attention)]
-    hooks = [m.register_forward_hook(f) for m in model.modules() for kind, f in kinds if isinstance(m, kind)]
+    hooks = [m.register_forward_hook(hook(f)) for m in model.modules() for kind, f in counters.items()
+             if isinstance(m, kind)]  # fmt: skip
     try:
         with torch.no_grad():
             call()
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
     return total
 
 
