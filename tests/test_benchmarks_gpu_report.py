@@ -14,15 +14,7 @@ from benchmarks.gpu_report import gpu_tests_table, main
 
 from .conftest import ROOT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine two threads spin against each other
-    (a forward of the tiny UNet then takes 50 times longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(text: str) -> dict[str, list[str]]:
