@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from .images import grid, save_png, to_uint8
 from .metrics import Inception, frechet_distance, inception_features, reference_stats_for, stats
 from .training import DiffusionModule
 
-__all__ = ["SampleGrid", "FID"]
+__all__ = ["SampleGrid", "FID", "StepProgressBar"]
 
 
 class SampleGrid(L.Callback):
@@ -80,3 +81,22 @@ class FID(L.Callback):
         fid = frechet_distance(*stats(features), mu, sigma)
         for logger in trainer.loggers:  # once, at this step (self.log would repeat it at later steps)
             logger.log_metrics({"val/fid": fid}, step=step)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar counts the batches of an epoch; our data stream is endless (one epoch), so it showed
+    `1560/?` with neither total nor ETA. This bar counts optimizer steps towards `trainer.max_steps`, from the step
+    a resumed run starts at (so its rate and ETA measure this session's steps only)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description("Training (steps)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if bar is not None and self._should_update(step, bar.total) and not bar.disable:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
