@@ -38,14 +38,14 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
         sampler, shape = instantiate(cfg.sampler), (model.in_channels, model.resolution, model.resolution)
         gamma = torch.zeros(schedule.T, dtype=torch.float64) if analytic_cache.takes_gamma(sampler) else None
         try:  # the sampler's own checks on one zero pixel (with a zero Gamma for Analytic-DPM), before any long work
-            check = sampler if gamma is None else functools.partial(sampler, gamma=gamma)
+            check = sampler if gamma is None else functools.partial(sampler, gamma=gamma, data_var=1.0)
             check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule,
                   timesteps.make("even", cfg.steps, schedule))  # fmt: skip
         except ValueError as error:
             raise UsageError(f"sampler options: {error}") from error
         if gamma is not None:  # Analytic-DPM: the model's Gamma, computed once and cached beside the weights
-            gamma = dist.on_main(_gamma, cfg, model, schedule, trained, weights, source, device)
-            sampler = functools.partial(sampler, gamma=gamma)
+            gamma, data_var = dist.on_main(_gamma, cfg, model, schedule, trained, weights, source, device)
+            sampler = functools.partial(sampler, gamma=gamma, data_var=data_var)  # data_var: Theorem 2's bound
         ts = timesteps.make(cfg.spacing, cfg.steps, schedule, gamma=gamma)
         group = "skip"
         try:  # Skip-Tuning's and DeepCache's own checks on this UNet; `group` names the one that failed
@@ -108,8 +108,8 @@ def _load(cfg: DictConfig, device: torch.device):
     return f"{path} ({'EMA' if cfg.use_ema else 'raw'} weights)", model, schedule, checkpoint["config"], path
 
 
-def _gamma(cfg: DictConfig, model, schedule, trained: dict, weights: Path, source: str, device) -> torch.Tensor:
-    """Analytic-DPM's Gamma from cfg.gamma_M images of data=NAME, else of the checkpoint's own training data."""
+def _gamma(cfg: DictConfig, model, schedule, trained: dict, weights: Path, source: str, device) -> tuple:
+    """Analytic-DPM's (Gamma, data_var) from cfg.gamma_M images of data=NAME, else of the checkpoint's training data."""
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else trained.get("data")
     label = "ema" if cfg.use_ema else "raw"
     return analytic_cache.for_sampling(model, schedule, weights=weights, label=label, data=data, M=cfg.gamma_M,

@@ -52,7 +52,9 @@ PAPER_FID = {  # CIFAR-10, linear schedule, FID at K = 10 / 25 / 50 / 100 (Bao e
 }
 
 
-def measure(model, data, sched, steps: Sequence[int], n: int, n_nll: int, gamma, seed: int = 0) -> dict:
+def measure(
+    model, data, sched, steps: Sequence[int], n: int, n_nll: int, gamma, data_var: float, seed: int = 0
+) -> dict:
     """{"fd": {(row, spacing, K): Frechet}, "nll": {(row, spacing, K): bits/dim}, "floor": ..., "dp_seconds"}."""
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x0 = data.sample(n_nll, torch.Generator().manual_seed(seed + 3))
@@ -67,14 +69,16 @@ def measure(model, data, sched, steps: Sequence[int], n: int, n_nll: int, gamma,
         for name, sampler, options, spacings in ROWS:
             for spacing in spacings:
                 g = torch.Generator().manual_seed(seed + 1)
-                extra = {"gamma": gamma} if "gamma" in inspect.signature(sampler).parameters else {}
+                analytic_options = {"gamma": gamma, "data_var": data_var}  # data_var: Theorem 2's bound, unclipped
+                extra = analytic_options if "gamma" in inspect.signature(sampler).parameters else {}
                 out = sampler(model, x_T, sched, trajectories[spacing], generator=g, clip=False, **options, **extra)
                 fd[name, spacing, K] = data.frechet(out)
         for name, variance in NLL_ROWS:
             for spacing in ("even", "analytic_optimal") if variance == "analytic" else ("even",):
                 g = torch.Generator().manual_seed(seed + 4)
-                bound = likelihood.nll_bound(model, x0, sched, trajectories[spacing], variance=variance, gamma=gamma,
-                                             clip=False, decoder="gaussian", generator=g)  # fmt: skip
+                options = {"gamma": gamma, "data_var": data_var, "clip": False, "decoder": "gaussian"}
+                bound = likelihood.nll_bound(model, x0, sched, trajectories[spacing], variance=variance, generator=g,
+                                             **options)  # fmt: skip
                 nll[name, spacing, K] = float(bound.mean())
         print(f"K={K} done", file=sys.stderr)
     return {"fd": fd, "nll": nll, "floor": noise_floor(data, n, seed)[0], "dp_seconds": dp}
@@ -135,9 +139,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     x_gamma = data.sample(args.gamma_m, torch.Generator().manual_seed(10)).float()
     g = torch.Generator().manual_seed(11)
     gamma = analytic.estimate_gamma(model, x_gamma, sched, batch_size=20000, generator=g, progress=True)
-    about += f" {sched}. Gamma from M = {args.gamma_m} images ({time.perf_counter() - start:.0f} s)."
+    data_var = analytic.data_variance(x_gamma)  # bounds Cov[x0 | x_t]: the mixture is unbounded and not clipped
+    about += f" {sched}. Gamma from M = {args.gamma_m} images ({time.perf_counter() - start:.0f} s)"
+    about += f", Cov[x0 | x_t] bounded by their variance {data_var:.4f} (Theorem 2's bound for unbounded data)."
     about += f" {args.samples} samples per Frechet cell, {args.nll_samples} data points per NLL cell; seed 0."
-    result = measure(model, data, sched, steps, args.samples, args.nll_samples, gamma)
+    result = measure(model, data, sched, steps, args.samples, args.nll_samples, gamma, data_var)
     text = markdown(f"Analytic-DPM on the mixture ({sched.name} schedule)", steps, result, about)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.md").write_text(text)

@@ -6,6 +6,8 @@ Notation (code -> paper; 0-based timesteps as everywhere here, s = -1 is clean d
     lam2         lambda^2 of the step t -> s: eta^2 beta-tilde_{s|t} (DDIM eq. 16; eta = 1 is DDPM's posterior)
     coef         (sqrt(abar_s) - sqrt((1 - abar_s - lam2) abar_t / (1 - abar_t)))^2, the weight of cov in sigma*^2
     sigma2       sigma*^2 = lam2 + coef cov (Theorem 1), clipped to Theorem 2's bounds
+    bound        the data's bound on Cov[x0 | x_t] per dimension (Theorem 2's second bound; `cov_bound`)
+    data_var     tr Cov[x0] / d, the data's variance per dimension: that bound for unbounded data
     J(s, t)      the per-dimension KL of one step with that variance; the trajectory minimises their sum (sec. 4)
 
 The samplers keep the sampler contract and reuse DDIM's step (diffusion.samplers._ddim_step): the mean is the
@@ -26,8 +28,8 @@ from .samplers import Generator, Model, _at, _ddim_step, _steps
 from .schedule import Schedule
 from .timesteps import check_start
 
-__all__ = ["analytic_ddpm", "analytic_ddim", "estimate_gamma", "check_gamma", "reverse_variance", "step_kl",
-           "optimal_trajectory", "cost_matrix"]  # fmt: skip
+__all__ = ["analytic_ddpm", "analytic_ddim", "estimate_gamma", "data_variance", "check_gamma", "cov_bound",
+           "reverse_variance", "step_kl", "optimal_trajectory", "cost_matrix"]  # fmt: skip
 
 # 8-bit images in [-1, 1]: one level is 2 / 255; E|sigma eps| = sigma sqrt(2 / pi) for eps ~ N(0, 1)
 LEVEL = 2 / 255
@@ -65,6 +67,15 @@ def estimate_gamma(
     return (total / M).cpu()
 
 
+def data_variance(x0: Tensor) -> float:
+    """tr Cov[x0] / d of the images x0 [M, C, H, W] (unbiased: M - 1), the data's variance per dimension: Theorem 2's
+    bound for unbounded data (`cov_bound`). Computed from the very images Gamma is estimated on. inf for M = 1 (one
+    image says nothing about the spread: no bound)."""
+    if x0.ndim < 2 or len(x0) == 0:
+        raise ValueError(f"x0 must hold at least one image [M, C, H, W], got shape {tuple(x0.shape)}")
+    return math.inf if len(x0) == 1 else float(x0.double().var(0, correction=1).mean())
+
+
 def check_gamma(gamma: Tensor, T: int, where: str = "gamma") -> Tensor:
     """`gamma` as float64 [T] if it is one, else ValueError naming what is wrong (shape, dtype, non-finite)."""
     if not isinstance(gamma, Tensor):
@@ -78,9 +89,30 @@ def check_gamma(gamma: Tensor, T: int, where: str = "gamma") -> Tensor:
 
 
 # -------------------------------------------------------------------- Theorems 1 and 2
-def reverse_variance(abar_t, abar_s, gamma_t, eta=1.0, *, bounded: bool = True, raw: bool = False):
+def cov_bound(clip: bool, data_var: float | None) -> float:
+    """The data's upper bound on Cov[x0 | x_t] per dimension (Theorem 2's second bound), applied at every step.
+
+    clip (data in [-1, 1]): ((b - a) / 2)^2 = 1, the paper's bound and its code's, kept so that published settings
+    reproduce. Otherwise the data's variance `data_var` (`data_variance`): by the law of total variance
+    E_{x_t} tr Cov[x0 | x_t] / d <= tr Cov[x0] / d, and that expectation is exactly what Gamma estimates
+    ((1 - abar_t) / abar_t (1 - Gamma_t)), so the bound holds for any data. Without it only (1 - abar_t) / abar_t is
+    left, ~1e8 at the noisy end of the cosine schedule, where a 1% Monte Carlo error in Gamma becomes a huge variance.
+    """
+    if clip:
+        return 1.0
+    if data_var is None:
+        raise ValueError("unclipped Analytic-DPM needs the data's variance data_var (tr Cov[x0] / d) to bound "
+                         "Cov[x0 | x_t]: pass the one cached_gamma returns beside Gamma (or data_variance of the "
+                         "same images); math.inf keeps only the (1 - abar) / abar bound")  # fmt: skip
+    if not data_var > 0:
+        raise ValueError(f"data_var must be > 0 (the data's variance per dimension), got {data_var}")
+    return float(data_var)
+
+
+def reverse_variance(abar_t, abar_s, gamma_t, eta=1.0, *, bound: float = 1.0, raw: bool = False):
     """(sigma2, lam2) of the step t -> s: Theorem 1's sigma*^2 = lam2 + coef cov, clipped to Theorem 2's bounds
-    [lam2, lam2 + coef min((1 - abar_t) / abar_t, 1 if `bounded` (data in [-1, 1]))]; `raw` skips the clipping.
+    [lam2, lam2 + coef min((1 - abar_t) / abar_t, bound)]; `bound` is the data's (`cov_bound`: 1 for data in
+    [-1, 1]); `raw` skips the clipping.
 
     Works on floats, numpy arrays and tensors alike (broadcast). abar_s = 1 is the step onto clean data (lam2 = 0,
     coef = 1: sigma2 is then the estimate of Cov[x0 | x_t] itself)."""
@@ -88,25 +120,25 @@ def reverse_variance(abar_t, abar_s, gamma_t, eta=1.0, *, bounded: bool = True, 
     root = ((1 - abar_s - lam2) * abar_t / (1 - abar_t)) ** 0.5
     coef = (abar_s**0.5 - root) ** 2
     cov = (1 - abar_t) / abar_t * (1 - gamma_t)
-    if not raw:  # Theorem 2: 0 <= Cov[x0 | x_t] <= (1 - abar_t) / abar_t, and <= ((b - a) / 2)^2 = 1 on [-1, 1]
+    if not raw:  # Theorem 2: 0 <= Cov[x0 | x_t] <= (1 - abar_t) / abar_t, and <= the data's bound
         top = (1 - abar_t) / abar_t
-        top = top if not bounded else (np.minimum(top, 1.0) if not isinstance(top, Tensor) else top.clamp(max=1.0))
+        top = np.minimum(top, bound) if not isinstance(top, Tensor) else top.clamp(max=bound)
         cov = np.clip(cov, 0.0, top) if not isinstance(cov, Tensor) else torch.minimum(cov.clamp(min=0.0), top)
     return lam2 + coef * cov, lam2
 
 
-def step_kl(abar_t, abar_s, gamma_t, sigma2, eta=1.0, *, bounded: bool = True):
+def step_kl(abar_t, abar_s, gamma_t, sigma2, eta=1.0, *, bound: float = 1.0):
     """E KL(q(x_s | x_t, x0) || p(x_s | x_t)) per dimension for the family's mean with x0 = E[x0 | x_t] and reverse
     variance sigma2: 0.5 (sigma*^2 / sigma2 - 1 + log(sigma2 / lam2)) (Theorem 1's proof: the mean's squared error
     is coef Cov[x0 | x_t]), 0.5 log(sigma*^2 / lam2) at sigma2 = sigma*^2. Cov is taken within Theorem 2's bounds,
     so that a Gamma estimated above 1 cannot make a KL negative."""
-    optimal, lam2 = reverse_variance(abar_t, abar_s, gamma_t, eta, bounded=bounded)
+    optimal, lam2 = reverse_variance(abar_t, abar_s, gamma_t, eta, bound=bound)
     return 0.5 * (optimal / sigma2 - 1 + np.log(sigma2 / lam2))
 
 
 # -------------------------------------------------------------------- the samplers
-def _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap) -> Tensor:
-    gamma = check_gamma(gamma, schedule.T).tolist()
+def _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap, data_var) -> Tensor:
+    gamma, bound = check_gamma(gamma, schedule.T).tolist(), cov_bound(clip, data_var)
     steps, abar = _steps(schedule, timesteps)
     last = steps[-1][0]  # the last visited timestep: the step onto it gets noise_cap
     cap = math.inf if noise_cap is None else (noise_cap * LEVEL * math.sqrt(math.pi / 2)) ** 2
@@ -114,7 +146,7 @@ def _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_
         eps = model(x, _at(x, t))
         if s < 0:  # the last step returns the mean (no noise), as DDPM's Algorithm 2 and the official code
             return _ddim_step(x, eps, abar_t, abar_s, eta=eta, std=0.0, clip=clip)
-        sigma2, _ = reverse_variance(abar_t, abar_s, gamma[t], eta, bounded=clip)
+        sigma2, _ = reverse_variance(abar_t, abar_s, gamma[t], eta, bound=bound)
         std = math.sqrt(min(sigma2, cap) if s == last else sigma2)
         x = _ddim_step(x, eps, abar_t, abar_s, eta=eta, std=std, clip=clip, generator=generator)
     return x
@@ -131,19 +163,22 @@ def analytic_ddpm(
     gamma: Tensor | None = None,
     clip: bool = True,
     noise_cap: float | None = 2.0,
+    data_var: float | None = None,
 ) -> Tensor:
     """Analytic-DDPM (Bao et al. 2022, Theorem 1 with lambda^2 = beta-tilde, clipped by Theorem 2): DDPM's posterior
     mean, noise of std sigma*, the last step the mean. NFE = S.
 
     Args:
         gamma: [T] float64, the model's Gamma (diffusion.analytic_cache.cached_gamma or `estimate_gamma`; required).
-        clip: data lie in [-1, 1]: clamp x0 to it (the official code always does) and use Theorem 2's bound for
-            bounded data. Turn off for unbounded data.
+        clip: data lie in [-1, 1]: clamp x0 to it (the official code always does) and bound Cov[x0 | x_t] by 1
+            (Theorem 2 for bounded data). Turn off for unbounded data.
+        data_var: the data's variance per dimension (cached_gamma returns it beside Gamma): the bound on
+            Cov[x0 | x_t] when clip is off (`cov_bound`; required then, math.inf for none).
         noise_cap: bound the noise of the step onto the last visited timestep so that E|sigma eps| is at most this
             many 8-bit levels (2 / 255 each), as the official CIFAR-10 runs (clip_pixel 2, 1 for the cosine
             schedule); None: no bound (unbounded data).
     """
-    return _analytic(model, x, schedule, timesteps, generator, gamma, 1.0, clip, noise_cap)
+    return _analytic(model, x, schedule, timesteps, generator, gamma, 1.0, clip, noise_cap, data_var)
 
 
 @torch.no_grad()
@@ -158,6 +193,7 @@ def analytic_ddim(
     eta: float = 0.0,
     clip: bool = True,
     noise_cap: float | None = 1.0,
+    data_var: float | None = None,
 ) -> Tensor:
     """Analytic-DDIM (Bao et al. 2022): DDIM's mean with sigma(eta) (Song et al. eq. 12, 16), and noise of the
     optimal std sigma* for lambda^2 = eta^2 beta-tilde, clipped by Theorem 2. eta = 0 is the paper's Analytic-DDIM:
@@ -165,11 +201,11 @@ def analytic_ddim(
     The options of analytic_ddpm apply (noise_cap 1 as the official Analytic-DDIM runs)."""
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1] (0: the paper's Analytic-DDIM, 1: Analytic-DDPM), got {eta}")
-    return _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap)
+    return _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap, data_var)
 
 
 # -------------------------------------------------------------------- the optimal trajectory (sec. 4)
-def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bounded: bool = True) -> Tensor:
+def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bound: float = 1.0) -> Tensor:
     """The K = `steps` timesteps from T-1 down to 0 that minimise sum_k J(tau_{k-1}, tau_k), J the KL of one DDPM
     step with the clipped analytic variance (`cost_matrix`: Cov[x0 | x_t] non-decreasing in t), by dynamic
     programming (Bao et al. sec. 4): O(K T^2) in float64. The prior and decoder terms are fixed by the ends, as in
@@ -181,7 +217,7 @@ def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bounded
         return torch.tensor([T - 1])
     if steps == 2 or steps == T:
         return torch.arange(T - 1, -1, -(T - 1) if steps == 2 else -1)
-    J = cost_matrix(schedule, gamma, bounded=bounded)
+    J = cost_matrix(schedule, gamma, bound=bound)
     # C[t]: the least cost of a path 0 = tau_1 < ... < tau_k = t; row k of `back` keeps each t's best predecessor
     C = J[0].copy()  # k = 2: tau_1 = 0 -> t
     back = np.zeros((steps + 1, T), dtype=np.int64)
@@ -200,7 +236,7 @@ def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bounded
     return ts
 
 
-def cost_matrix(schedule: Schedule, gamma: Tensor, *, bounded: bool = True, monotone: bool = True) -> np.ndarray:
+def cost_matrix(schedule: Schedule, gamma: Tensor, *, bound: float = 1.0, monotone: bool = True) -> np.ndarray:
     """J[s, t] for 0 <= s < t <= T-1 (inf elsewhere): `step_kl` at the clipped analytic variance, float64 [T, T].
 
     `monotone`: Cov[x0 | x_t] is taken as its running maximum over t. The true one never falls as t grows (x_t is
@@ -216,8 +252,8 @@ def cost_matrix(schedule: Schedule, gamma: Tensor, *, bounded: bool = True, mono
         cov = np.maximum.accumulate(np.clip((1 - abar) / abar * (1 - g), 0.0, None))
         g = 1 - cov * abar / (1 - abar)
     s, t = np.triu_indices(T, k=1)
-    sigma2, _ = reverse_variance(abar[t], abar[s], g[t], bounded=bounded)
+    sigma2, _ = reverse_variance(abar[t], abar[s], g[t], bound=bound)
     J = np.full((T, T), np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
-        J[s, t] = step_kl(abar[t], abar[s], g[t], sigma2, bounded=bounded)
+        J[s, t] = step_kl(abar[t], abar[s], g[t], sigma2, bound=bound)
     return np.where(np.isfinite(J), J, np.inf)

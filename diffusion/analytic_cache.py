@@ -1,7 +1,9 @@
-"""Analytic-DPM's Gamma, computed once per model and cached beside its weights; the training images it needs.
+"""Analytic-DPM's Gamma and the data's variance, computed once per model and cached beside its weights; the training
+images they need.
 
-The cache is data, never code (DESIGN principle 7): an .npz of two plain arrays read with allow_pickle=False, its
-key, shape, dtype and values checked, refused (and rebuilt) when any check fails. Written atomically.
+The cache is data, never code (DESIGN principle 7): an .npz of three plain arrays (gamma, data_var, key) read with
+allow_pickle=False, its key, shape, dtype and values checked, refused (and rebuilt) when any check fails. Written
+atomically. FORMAT is part of the key and of the file name: a file of an older format is never read as this one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import registry
-from .analytic import check_gamma, estimate_gamma
+from .analytic import check_gamma, data_variance, estimate_gamma
 from .errors import UsageError
 from .samplers import Model
 from .schedule import Schedule
@@ -26,18 +28,20 @@ from .schedule import Schedule
 __all__ = ["cached_gamma", "training_images", "takes_gamma", "for_sampling", "GAMMA_SEED"]
 
 GAMMA_SEED = 0  # which training images and noises Gamma uses: fixed, so that sampling seeds share one cache
+FORMAT = 2  # 1: gamma and key only; 2: with data_var (Theorem 2's bound for unbounded data)
 
 
 def cached_gamma(model: Model, schedule: Schedule, images: Callable[[], Tensor], *, path_stem: Path, M: int,
                  seed: int, data: str, batch_size: int = 256, device: torch.device | str = "cpu",
-                 progress: bool = True) -> Tensor:  # fmt: skip
-    """Gamma of `model` (an nn.Module) from `images()` (M training images, loaded only on a miss), cached in
-    `<path_stem>.gamma.M<M>.<key>.npz`. The key hashes the weights' bytes, the schedule, `data` (a description of
-    the images), M and seed, and is stored and checked inside the file, so an overwritten last.ckpt, the other
-    weights (EMA or raw) or another M never reuse it. A file that fails the checks is refused, said so, and rebuilt.
+                 progress: bool = True) -> tuple[Tensor, float]:  # fmt: skip
+    """(Gamma [T] float64, data_var) of `model` (an nn.Module) from `images()` (M training images, loaded only on a
+    miss; data_var = `data_variance` of the same images), cached in `<path_stem>.gamma.M<M>.<key>.npz`. The key
+    hashes the weights' bytes, the schedule, `data` (a description of the images), M, seed and FORMAT, and is stored
+    and checked inside the file, so an overwritten last.ckpt, the other weights (EMA or raw), another M or an older
+    format never reuse it. A file that fails the checks is refused, said so, and rebuilt.
     """
     key = json.dumps({"weights": _weights_hash(model), "schedule": _hash(schedule.alphas_cumprod),
-                      "data": data, "M": M, "seed": seed}, sort_keys=True)  # fmt: skip
+                      "data": data, "M": M, "seed": seed, "format": FORMAT}, sort_keys=True)  # fmt: skip
     path = Path(f"{path_stem}.gamma.M{M}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     if path.exists():
         try:
@@ -48,36 +52,39 @@ def cached_gamma(model: Model, schedule: Schedule, images: Callable[[], Tensor],
     x0 = images().to(device)
     g = torch.Generator(device=device).manual_seed(seed)
     gamma = estimate_gamma(model, x0, schedule, batch_size=batch_size, generator=g, progress=progress)
+    data_var = data_variance(x0)
     try:
-        _write(path, gamma, key)
+        _write(path, gamma, data_var, key)
     except OSError as error:  # a read-only model folder: sample anyway, but say that the work is not kept
         print(f"could not cache Gamma at {path} ({error}); it will be computed again next time")
-    return gamma
+    return gamma, data_var
 
 
-def _read(path: Path, key: str, T: int) -> Tensor:
-    """Gamma from a cache file: plain arrays only (no pickle), the right key, shape, dtype and values."""
+def _read(path: Path, key: str, T: int) -> tuple[Tensor, float]:
+    """(Gamma, data_var) from a cache file: plain arrays only (no pickle), the right key, shape, dtype and values."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {name: f[name] for name in f.files}
     except Exception as error:  # truncated, not a zip, or a pickled object array
         raise ValueError(f"unreadable: {type(error).__name__}: {error}") from None
-    if set(arrays) != {"gamma", "key"}:
-        raise ValueError(f"holds {sorted(arrays)}, not gamma and key")
+    if set(arrays) != {"gamma", "data_var", "key"}:
+        raise ValueError(f"holds {sorted(arrays)}, not gamma, data_var and key (format {FORMAT})")
     if arrays["key"].dtype.kind != "U" or arrays["key"].shape != () or str(arrays["key"]) != key:
         raise ValueError("its key does not match these weights, schedule, data, M and seed")
-    gamma = arrays["gamma"]
-    if gamma.dtype != np.float64:
-        raise ValueError(f"gamma is {gamma.dtype}, not float64")
-    return check_gamma(torch.from_numpy(gamma.copy()), T, where=f"gamma in {path}")
+    gamma, data_var = arrays["gamma"], arrays["data_var"]
+    if gamma.dtype != np.float64 or data_var.dtype != np.float64 or data_var.shape != ():
+        raise ValueError(f"gamma is {gamma.dtype}, data_var {data_var.dtype} {data_var.shape}, not float64 [T], []")
+    if not float(data_var) > 0:  # inf is M = 1's honest answer (no bound); NaN, 0 and below are damage
+        raise ValueError(f"data_var is {float(data_var)}, not > 0")
+    return check_gamma(torch.from_numpy(gamma.copy()), T, where=f"gamma in {path}"), float(data_var)
 
 
-def _write(path: Path, gamma: Tensor, key: str) -> None:
+def _write(path: Path, gamma: Tensor, data_var: float, key: str) -> None:
     """Write atomically: a temporary file in the same folder, then os.replace."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, gamma=gamma.numpy().astype(np.float64), key=np.array(key))
+            np.savez(f, gamma=gamma.numpy().astype(np.float64), data_var=np.float64(data_var), key=np.array(key))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -118,9 +125,9 @@ def takes_gamma(sampler) -> bool:
 
 
 def for_sampling(model: torch.nn.Module, schedule: Schedule, *, weights: Path, label: str, data: Mapping | None,
-                 M: int, batch_size: int, device: torch.device, source: str) -> Tensor:  # fmt: skip
-    """Gamma for sample.py: from M images of `data` (the data=... option, else the checkpoint's own training
-    config), cached beside `weights` (a checkpoint file, or a diffusers folder) under `label` (ema, raw)."""
+                 M: int, batch_size: int, device: torch.device, source: str) -> tuple[Tensor, float]:  # fmt: skip
+    """(Gamma, data_var) for sample.py: from M images of `data` (the data=... option, else the checkpoint's own
+    training config), cached beside `weights` (a checkpoint file, or a diffusers folder) under `label` (ema, raw)."""
     if not data:
         raise UsageError(f"Analytic-DPM estimates Gamma from training images, and {source} does not name its "
                          "dataset: pass data=NAME (a conf/data file, e.g. data=cifar10 for google/ddpm-cifar10-32; "

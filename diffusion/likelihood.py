@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .analytic import check_gamma, reverse_variance
+from .analytic import check_gamma, cov_bound, reverse_variance
 from .samplers import Generator, Model, _at, _ddim_step, _predict_x0, _steps, randn_like
 from .schedule import Schedule
 
@@ -41,12 +41,15 @@ def nll_bound(
     clip: bool = True,
     decoder: str = "discrete",
     generator: Generator = None,
+    data_var: float | None = None,
 ) -> Tensor:
     """The bound L above for each image of x0 [N, C, H, W], in bits/dim: [N] float64.
 
     Args:
         variance: "posterior" (beta-tilde), "beta" or "analytic" (needs `gamma`, [T]).
         clip: data lie in [-1, 1]: x0 clamped to it (as the official code) and Theorem 2's bound for bounded data.
+        data_var: the data's variance per dimension, the analytic variance's bound when clip is off
+            (diffusion.analytic.cov_bound; required then).
         decoder: "discrete" (8-bit images: x0 on the grid -1 + 2k / 255) or "gaussian" (continuous data).
 
     The decoder's variance: analytic, the estimate of Cov[x0 | x_tau1] (the analytic variance of the step onto
@@ -57,6 +60,7 @@ def nll_bound(
         raise ValueError(f"variance must be one of {VARIANCES} and decoder one of {DECODERS}, got {variance!r}, "
                          f"{decoder!r}")  # fmt: skip
     g = check_gamma(gamma, schedule.T).tolist() if variance == "analytic" else None
+    bound = cov_bound(clip, data_var) if variance == "analytic" else None
     steps, abar = _steps(schedule, timesteps)
     x0 = x0.double()
     a = steps[0][2]  # prior term at the first visited timestep: KL(N(sqrt(a) x0, 1 - a) || N(0, 1)) per dim
@@ -70,20 +74,20 @@ def nll_bound(
             mean_p = _ddim_step(x, eps, abar_t, abar_s, eta=1.0, std=0.0, clip=clip)
             lam2 = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
             if variance == "analytic":
-                sigma2, _ = reverse_variance(abar_t, abar_s, g[t], bounded=clip)
+                sigma2, _ = reverse_variance(abar_t, abar_s, g[t], bound=bound)
             else:
                 sigma2 = lam2 if variance == "posterior" else 1 - abar_t / abar_s
             kl = 0.5 * ((lam2 + (mean_q - mean_p) ** 2) / sigma2 - 1 + math.log(sigma2 / lam2))
             nats = nats + kl.flatten(1).sum(1)
         else:
             mean = _predict_x0(x, eps, abar_t, clip)
-            nats = nats - _decoder_log_likelihood(x0, mean, _decoder_variance(variance, t, abar, g, clip), decoder)
+            nats = nats - _decoder_log_likelihood(x0, mean, _decoder_variance(variance, t, abar, g, bound), decoder)
     return nats / (x0[0].numel() * math.log(2))
 
 
-def _decoder_variance(variance: str, t: int, abar: list, gamma: list | None, clip: bool) -> float:
+def _decoder_variance(variance: str, t: int, abar: list, gamma: list | None, bound: float | None) -> float:
     if variance == "analytic":
-        sigma2, _ = reverse_variance(abar[t], 1.0, gamma[t], bounded=clip)
+        sigma2, _ = reverse_variance(abar[t], 1.0, gamma[t], bound=bound)
         return max(float(sigma2), 1e-12)  # a Gamma estimated at 1 would make it 0: a point mass
     if t == 0:  # beta-tilde of the step 1 -> 0: what Ho et al. use at t = 0, where beta-tilde itself is 0
         return (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])

@@ -16,6 +16,7 @@ from diffusion.mixture import GaussianMixture
 from diffusion.schedule import linear
 
 MU, S2 = 0.3, 0.25  # Gaussian data N(MU, S2 I)
+V = np.float64(0.5)  # a well-formed data_var for the damaged caches
 
 
 def gaussian(shape=(3, 2, 2)) -> GaussianMixture:
@@ -70,7 +71,7 @@ def test_the_analytic_samplers_are_exact_on_gaussian_data_at_few_steps(sampler, 
     schedule, data = linear(1000), gaussian((4,))
     x = torch.randn(8000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ts, g = timesteps.linspace(4, 1000), torch.Generator().manual_seed(1)
-    options = {"gamma": exact_gamma(schedule), "clip": False, "noise_cap": None} | (
+    options = {"gamma": exact_gamma(schedule), "clip": False, "noise_cap": None, "data_var": S2} | (
         {"eta": eta} if eta is not None else {}
     )
     out = sampler(data.model(schedule), x, schedule, ts, generator=g, **options)
@@ -118,7 +119,7 @@ def test_theorem_2_bounds_hold_and_clipping_happens_exactly_outside_them():
     abar_t, abar_s = np.linspace(0.05, 0.9, 7), np.linspace(0.1, 0.95, 7)
     for gamma_t in (-0.5, 0.0, 0.3, 0.9, 1.0, 1.3):
         raw, lam2 = analytic.reverse_variance(abar_t, abar_s, gamma_t, raw=True)
-        sigma2, _ = analytic.reverse_variance(abar_t, abar_s, gamma_t, bounded=True)
+        sigma2, _ = analytic.reverse_variance(abar_t, abar_s, gamma_t, bound=1.0)
         cov = (1 - abar_t) / abar_t * (1 - gamma_t)
         top = np.minimum((1 - abar_t) / abar_t, 1.0)
         coef = (raw - lam2) / np.where(cov == 0, 1, cov)
@@ -129,7 +130,7 @@ def test_theorem_2_bounds_hold_and_clipping_happens_exactly_outside_them():
         above = cov > top
         np.testing.assert_allclose(sigma2[above], (lam2 + coef * top)[above], rtol=1e-12)
     # unbounded data: only (1 - abar) / abar caps Cov, so a cov of 3 stays at abar_t = 0.05 (its cap is 19)
-    unbounded, _ = analytic.reverse_variance(0.05, 0.1, 1 - 3 * 0.05 / 0.95, bounded=False)
+    unbounded, _ = analytic.reverse_variance(0.05, 0.1, 1 - 3 * 0.05 / 0.95, bound=math.inf)
     raw, _ = analytic.reverse_variance(0.05, 0.1, 1 - 3 * 0.05 / 0.95, raw=True)
     assert unbounded == pytest.approx(raw)
 
@@ -166,7 +167,7 @@ def test_the_cost_is_the_papers_up_to_terms_that_telescope():
     schedule = linear(T, 1e-3, 0.2)
     gamma = _random_gamma(T, 3)
     abar, g = schedule.alphas_cumprod.numpy(), gamma.numpy()
-    J = analytic.cost_matrix(schedule, gamma, bounded=False, monotone=False)
+    J = analytic.cost_matrix(schedule, gamma, bound=math.inf, monotone=False)
     f = np.log((1 - abar) / abar)
     for s, t in itertools.combinations(range(T), 2):
         paper = np.log(1 - (1 - abar[t] / abar[s]) * g[t] / (1 - abar[t]))
@@ -233,17 +234,18 @@ def _cached(model, tmp_path, M=3, loads=None):
 
 def test_gamma_is_cached_once_and_reused(tmp_path):
     model, loads = Scale(0.5), []
-    first = _cached(model, tmp_path, loads=loads)
+    first, data_var = _cached(model, tmp_path, loads=loads)
     assert len(list(tmp_path.glob("last.gamma.M3.*.npz"))) == 1 and loads == [3]
     calls = model.calls
-    assert torch.equal(_cached(model, tmp_path, loads=loads), first)
+    again, var_again = _cached(model, tmp_path, loads=loads)
+    assert torch.equal(again, first) and var_again == data_var
     assert model.calls == calls and loads == [3]  # neither the data nor the model was touched
 
 
 def test_other_weights_or_another_m_never_reuse_a_cache(tmp_path):
-    a = _cached(Scale(0.5), tmp_path)
-    b = _cached(Scale(0.7), tmp_path)  # e.g. last.ckpt overwritten, or the raw weights instead of the EMA ones
-    c = _cached(Scale(0.5), tmp_path, M=4)
+    a, _ = _cached(Scale(0.5), tmp_path)
+    b, _ = _cached(Scale(0.7), tmp_path)  # e.g. last.ckpt overwritten, or the raw weights instead of the EMA ones
+    c, _ = _cached(Scale(0.5), tmp_path, M=4)
     assert len(list(tmp_path.glob("last.gamma.*.npz"))) == 3
     assert not torch.equal(a, b) and not torch.equal(a, c)
 
@@ -252,24 +254,31 @@ def test_other_weights_or_another_m_never_reuse_a_cache(tmp_path):
     "damage",
     [
         lambda path, key: path.write_bytes(b"not a zip"),
-        lambda path, key: np.savez(path, gamma=np.array([object()] * 20), key=np.array(key)),  # a pickle inside
-        lambda path, key: np.savez(path, gamma=np.zeros(19), key=np.array(key)),
-        lambda path, key: np.savez(path, gamma=np.full(20, np.nan), key=np.array(key)),
-        lambda path, key: np.savez(path, gamma=np.zeros(20, np.float32), key=np.array(key)),
-        lambda path, key: np.savez(path, gamma=np.zeros(20), key=np.array("another model")),
-        lambda path, key: np.savez(path, gamma=np.zeros(20), key=np.array(key), extra=np.zeros(1)),
+        lambda path, key: np.savez(path, gamma=np.array([object()] * 20), data_var=V, key=np.array(key)),  # a pickle
+        lambda path, key: np.savez(path, gamma=np.zeros(19), data_var=V, key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.full(20, np.nan), data_var=V, key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20, np.float32), data_var=V, key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=V, key=np.array("another model")),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=V, key=np.array(key), extra=np.zeros(1)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), key=np.array(key)),  # format 1: no data_var
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=np.float64(np.nan), key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=np.float64(0), key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=np.float32(0.5), key=np.array(key)),
+        lambda path, key: np.savez(path, gamma=np.zeros(20), data_var=np.full(2, 0.5), key=np.array(key)),
     ],
 )
 def test_a_damaged_cache_is_refused_and_recomputed(damage, tmp_path, capsys):
     model = Scale(0.5)
-    good = _cached(model, tmp_path)
+    good, data_var = _cached(model, tmp_path)
     (path,) = tmp_path.glob("last.gamma.*.npz")
     with np.load(path) as f:
         key = str(f["key"])
     damage(path, key)
-    assert torch.equal(_cached(model, tmp_path), good)
+    recomputed, var = _cached(model, tmp_path)
+    assert torch.equal(recomputed, good) and var == data_var
     assert "refusing the cached Gamma" in capsys.readouterr().out
-    assert torch.equal(_cached(model, tmp_path), good)  # the rewritten file is good again
+    again, var_again = _cached(model, tmp_path)  # the rewritten file is good again
+    assert torch.equal(again, good) and var_again == data_var and "refusing" not in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------- the likelihood bound
@@ -282,7 +291,7 @@ def test_the_bound_on_gaussian_data_approaches_the_true_nll_from_above():
     gamma, previous = exact_gamma(schedule), math.inf
     for K in (2, 10, 50, 200):
         ts = timesteps.linspace(K, 200)
-        kw = {"clip": False, "decoder": "gaussian", "generator": torch.Generator().manual_seed(K)}
+        kw = {"clip": False, "decoder": "gaussian", "generator": torch.Generator().manual_seed(K), "data_var": S2}
         ours = likelihood.nll_bound(data.model(schedule), x0, schedule, ts, variance="analytic", gamma=gamma, **kw)
         plain = likelihood.nll_bound(data.model(schedule), x0, schedule, ts, variance="posterior", **kw)
         gap, error = float((ours - true).mean()), float((ours - true).std()) / len(x0) ** 0.5
