@@ -12,8 +12,11 @@ Frechet distance in data space to the mixture's mean and covariance, the mode-we
 the true weights and the share of samples nearest each mean), S; after the dot, paired measures (below). Every row
 starts from the same x_T (float64) and no sampler clips x0 (the data is unbounded). The noise floor is the same
 metrics on exact samples of the same size (mean +- sd over 5 draws): below it, a difference is sampling noise.
-Analytic-DPM's rows use Gamma of the model itself (Monte Carlo over --gamma-m mixture samples, estimate_gamma).
-Writes quality_<schedule>.md and quality_<schedule>.png (error vs NFE) to --out.
+Analytic-DPM's rows use Gamma of the model itself (Monte Carlo over --gamma-m mixture samples, estimate_gamma) and
+bound Cov[x0 | x_t] by the variance of the same samples (Theorem 2's bound for unbounded data: analytic.cov_bound).
+Writes quality_<schedule>.md and quality_<schedule>.png (error vs NFE) to --out. The closed form's consistency
+students (issue 13) come from benchmarks/consistency_mixture.py's JSON (--consistency): a second table and stars on
+the plot, when it was made for the same schedule, shape and mixture seed.
 
 Closed form: each cell is paired with the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M),
 ENDPOINT_STEPS log-SNR steps): RMS per pixel and the share of samples on another mode: a deterministic sampler's
@@ -32,6 +35,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
@@ -82,10 +87,13 @@ ROWS = (
     Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm),
     Row("ddpm, σ²=β", samplers.ddpm, "even", {"variance": "beta"}),
     Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm, "even"),
+    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm, "logsnr"),
     Row("analytic_ddpm", analytic.analytic_ddpm, "even", NO_CAP),
     Row("analytic_ddpm", analytic.analytic_ddpm, "analytic_optimal", NO_CAP),
+    Row("analytic_ddpm", analytic.analytic_ddpm, "logsnr", NO_CAP),
     Row("analytic_ddim η=0", analytic.analytic_ddim, "even", NO_CAP),
     Row("analytic_ddim η=0", analytic.analytic_ddim, "analytic_optimal", NO_CAP),
+    Row("analytic_ddim η=0", analytic.analytic_ddim, "logsnr", NO_CAP),
     Row("ddim η=0", samplers.ddim),
     Row("ddim η=0", samplers.ddim, "logsnr"),
     Row("pndm (F-PNDM)", samplers.pndm),
@@ -202,7 +210,7 @@ def as_dtype(model) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int, seed: int,
-        gamma: Tensor | None = None) -> tuple[Cell, Tensor]:  # fmt: skip
+        gamma: Tensor | None = None, data_var: float | None = None) -> tuple[Cell, Tensor]:  # fmt: skip
     """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
     ts = timesteps.make(row.spacing, steps, sched, gamma=gamma).to(x_T.device)
     net = row.wrap(model, ts) if row.wrap else model
@@ -215,7 +223,8 @@ def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T
 
     g = torch.Generator(x_T.device).manual_seed(seed + 1)  # fresh noise of the stochastic samplers
     chunks = x_T.split(batch)
-    options = row.options | ({"gamma": gamma} if "gamma" in inspect.signature(row.sampler).parameters else {})
+    analytic_options = {"gamma": gamma, "data_var": data_var}  # data_var: Theorem 2's bound (unclipped)
+    options = row.options | (analytic_options if "gamma" in inspect.signature(row.sampler).parameters else {})
     out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=False, **options) for x in chunks])
     full = net.full_calls / len(chunks) if hasattr(net, "full_calls") else None
     cell = Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), steps, full)
@@ -231,12 +240,14 @@ def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, 
     return (fd.mean().item(), fd.std().item()), (mwe.mean().item(), mwe.std().item())
 
 
-def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, device: str) -> Tensor:
-    """Analytic-DPM's Gamma of `model` by Monte Carlo over M exact samples of the mixture (its training data)."""
+def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, device: str) -> tuple[Tensor, float]:
+    """Analytic-DPM's Gamma of `model` by Monte Carlo over M exact samples of the mixture (its training data), and
+    the data variance of the same samples (Theorem 2's bound: no sampler clips), as analytic_cache caches them."""
     x0 = data.sample(M, torch.Generator().manual_seed(seed + 10)).to(device)
     g = torch.Generator(device).manual_seed(seed + 11)
     big = not isinstance(model, torch.nn.Module)  # the closed form takes any batch; a network, a modest one
-    return analytic.estimate_gamma(as_dtype(model), x0, sched, batch_size=20000 if big else 512, generator=g)
+    gamma = analytic.estimate_gamma(as_dtype(model), x0, sched, batch_size=20000 if big else 512, generator=g)
+    return gamma, analytic.data_variance(x0)
 
 
 def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, columns: Sequence[int], n: int, *,
@@ -254,7 +265,8 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x_T = x_T.to(device)
-    gamma = gamma_of(model, data, sched, gamma_m, seed, device) if any(map(takes_gamma, rows)) else None
+    analytic_rows = any(map(takes_gamma, rows))
+    gamma, data_var = gamma_of(model, data, sched, gamma_m, seed, device) if analytic_rows else (None, None)
     gamma_seconds = time.perf_counter() - start
     reference = None
     if endpoint:
@@ -269,7 +281,8 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
             blank[i, c] = "no step count spends exactly this many evaluations"
             continue
         try:
-            cells[i, c], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, gamma=gamma)
+            cells[i, c], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, gamma=gamma,
+                                   data_var=data_var)  # fmt: skip
         except Refused as why:  # said in the notes, not hidden
             blank[i, c] = str(why)
             continue
@@ -291,11 +304,79 @@ def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float
     return rms, (data.nearest_mode(samples) != data.nearest_mode(exact)).double().mean().item()
 
 
+# ---------------------------------------------------------------- consistency students (issue 13)
+STUDENT_KEYS = {"method": str, "steps": int, "nfe": int, "fd": float, "rms": float, "other_mode": float}
+
+
+def read_students(path: Path, sched: Schedule, data: GaussianMixture, seed: int = 0) -> tuple[list[dict], str]:
+    """(rows, note) from benchmarks/consistency_mixture.py's JSON: {"schedule", "shape", "samples", "rows": [{method,
+    steps, nfe, fd, rms, other_mode (a fraction)}, ...]}, optionally "seed" (image_mixture's; 0 if absent). Plain
+    data, checked key by key (UsageError naming the first problem; other keys are ignored); no rows, said why, when
+    the file is absent or made for another schedule, shape or mixture seed."""
+    if not path.exists():
+        return [], ""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: not readable JSON ({error}); rerun benchmarks/consistency_mixture.py") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UsageError(f"{path}: {what}; rerun benchmarks/consistency_mixture.py or pass --consistency none")
+
+    need(isinstance(doc, dict), f"the top level must be an object, got {type(doc).__name__}")
+    for key, kind in (("schedule", str), ("shape", list), ("samples", int), ("rows", list)):
+        need(key in doc and _is(doc[key], kind), f'"{key}" must be a {kind.__name__}, got {doc.get(key)!r}')
+    need(all(_is(n, int) and n > 0 for n in doc["shape"]), f'"shape" must hold positive ints, got {doc["shape"]}')
+    need(doc["samples"] >= 2 and len(doc["rows"]) > 0, '"samples" must be >= 2 and "rows" not empty')
+    for i, row in enumerate(doc["rows"]):
+        need(isinstance(row, dict), f"rows[{i}] must be an object, got {type(row).__name__}")
+        for key, kind in STUDENT_KEYS.items():
+            need(key in row and _is(row[key], kind), f'rows[{i}]["{key}"] must be a {kind.__name__}, got '
+                 f"{row.get(key)!r}")  # fmt: skip
+        need(bool(row["method"].strip()) and row["steps"] >= 1 and row["nfe"] >= 1, f"rows[{i}]: empty method or a "
+             "count below 1")  # fmt: skip
+        need(row["fd"] >= 0 and row["rms"] >= 0 and 0 <= row["other_mode"] <= 1, f"rows[{i}]: fd and rms must be "
+             f"finite and >= 0, other_mode a fraction in [0, 1]")  # fmt: skip
+    need(_is(doc.get("seed", 0), int), f'"seed" must be an int, got {doc.get("seed")!r}')
+    mine, theirs = (sched.name, list(data.shape), seed), (doc["schedule"], doc["shape"], doc.get("seed", 0))
+    if theirs != mine:
+        return [], (f"Consistency students: {path.name} is for the {theirs[0]} schedule, shape {theirs[1]} and mixture "
+                    f"seed {theirs[2]}, not {mine[0]}, {mine[1]} and {mine[2]}: not shown.")  # fmt: skip
+    note = (f"Consistency students: {path.name} ({doc['samples']} samples per row, so their own noise floor; "
+            "benchmarks/consistency_mixture.py trains them).")  # fmt: skip
+    return [row | {"samples": doc["samples"]} for row in doc["rows"]], note
+
+
+def _is(value, kind: type) -> bool:
+    """JSON's value is of `kind` (bools are not numbers; an int is a float; floats are finite)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def students_markdown(students: Sequence[dict]) -> list[str]:
+    """The students' table, below the samplers': one row per (method, steps)."""
+    if not students:
+        return []
+    lines = ["", f"Consistency students, exact teacher ({students[0]['samples']} samples): Frechet distance / "
+             "paired RMS per pixel to the exact ODE endpoint / share of samples on another mode.", "",
+             "| method | steps | NFE | Frechet | paired RMS | other mode |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in students:
+        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['fd']:.3g} | {r['rms']:.3f} | "
+                     f"{100 * r['other_mode']:.1f}% |")  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------- reporting
 
 
-def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: dict, notes: Sequence[str] = ()) -> str:
-    """The table: one row per sampler configuration, one column per NFE budget, the noise floor, the notes."""
+def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: dict, notes: Sequence[str] = (),
+             students: Sequence[dict] = ()) -> str:  # fmt: skip
+    """The table: one row per sampler configuration, one column per NFE budget, the noise floor, the notes; the
+    consistency students' table (`read_students`) below it."""
     lines = [f"### {title}", "",
              "Cells: Frechet distance in data space / mode-weight error (total variation), the steps S that spend the",
              "column's NFE (F: DeepCache's full UNet calls); after the dot, paired measures from the same x_T: RMS",
@@ -324,11 +405,13 @@ def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: di
               "trajectory, analytic_optimal = its DP trajectory on the model's Gamma, logsnr = uniform in log-SNR "
               "(DPM-Solver; the cosine schedule from t = 996).", *notes]  # fmt: skip
     lines += [f"Blank: {name} at {', '.join(cols)} NFE: {why}." for (name, why), cols in blanks.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + students_markdown(students)) + "\n"
 
 
-def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], result: dict) -> None:
-    """Frechet distance and the paired RMS (or the mode-weight error) against NFE, log-log, with the noise floor."""
+def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], result: dict,
+         students: Sequence[dict] = ()) -> None:  # fmt: skip
+    """Frechet distance and the paired RMS (or the mode-weight error) against NFE, log-log, with the noise floor;
+    the consistency students as stars above the legend (paired RMS on the right: only beside paired cells)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,6 +426,12 @@ def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], re
         axes[0].plot([c.nfe for c in cells], [c.frechet for c in cells], label=f"{row.name} ({row.spacing})", **kw)
         second = [c.paired[0] if has_pair else c.mode_error for c in cells]
         axes[1].plot([c.nfe for c in cells], second, **kw)
+    for j, method in enumerate(dict.fromkeys(r["method"] for r in students)):
+        mine = [r for r in students if r["method"] == method]
+        kw = dict(marker="*PXh"[j % 4], s=60, color=f"C{(j + 3) % 10}", edgecolor="k", zorder=6)
+        axes[0].scatter([r["nfe"] for r in mine], [r["fd"] for r in mine], label=f"{method} (consistency)", **kw)
+        if has_pair:
+            axes[1].scatter([r["nfe"] for r in mine], [r["rms"] for r in mine], **kw)
     (mean, sd), _ = result["floor"]
     axes[0].axhspan(max(mean - sd, mean / 10), mean + sd, color="0.85", zorder=0)
     axes[0].axhline(mean, color="0.5", linewidth=1, zorder=0, label="noise floor (exact samples)")
@@ -407,6 +496,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="samples per sampler call (default: all at once)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the closed form's small ops)")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write the tables only")
+    parser.add_argument("--consistency", default=str(RESULTS / "consistency_mixture.json"),
+                        help="consistency_mixture.py's JSON: its students as rows and points when schedule and shape "
+                        "match (closed form only; 'none' to leave them out)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         args.nfe = [int(s) for s in args.nfe.split(",")]
@@ -438,8 +530,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
 def _main(args: argparse.Namespace) -> dict[str, dict]:
     out, results = Path(args.out), {}
     opts = dict(steps=nfe_steps, seed=args.seed, batch=args.batch, device=args.device, gamma_m=args.gamma_m)
-    gamma = f"Gamma by Monte Carlo over M = {args.gamma_m} mixture samples"
-    jobs = []  # (file name, title, rows, model, data, schedule, notes)
+    gamma = f"Gamma by Monte Carlo over M = {args.gamma_m} mixture samples, Cov[x0 | x_t] bounded by their variance"
+    jobs = []  # (file name, title, rows, model, data, schedule, notes, consistency students)
+    consistency = Path(args.consistency) if args.consistency != "none" else None
     if args.checkpoint:
         model, sched, data, about = load_checkpoint(args.checkpoint, args.device)
         where = f"{sched.name} schedule, T={sched.T}, {data}, {args.samples} samples, {gamma}"
@@ -449,22 +542,25 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
                  f"ρ {rho[0]:g}:{rho[1]:g}: {source}. DeepCache: branch below the first level; official = the "
                  f"official non-uniform rule at centre S/2, pow 1.4.",)  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}_exact", f"Exact noise predictor ({where})",
-                     ROWS, data.model(sched), data, sched, ()))  # fmt: skip
+                     ROWS, data.model(sched), data, sched, (), []))  # fmt: skip
         jobs.append((f"quality_checkpoint_{sched.name}", f"Trained model {about} ({where})",
-                     ROWS + DEEPCACHE_ROWS + skip_rows(rho), model, data, sched, notes))  # fmt: skip
+                     ROWS + DEEPCACHE_ROWS + skip_rows(rho), model, data, sched, notes, []))  # fmt: skip
     else:
         data = image_mixture(seed=args.seed)
         notes = (f"Paired: against the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M), "
                  f"{args.endpoint_steps} log-SNR steps); for the stochastic rows (ddpm, analytic_*) a measure of how "
-                 "far their noise moves a sample, not an error. Consistency students (CD / CT / PCM at 1, 2, 4 steps): "
-                 "benchmarks/consistency_mixture.py, which trains them.",)  # fmt: skip
+                 "far their noise moves a sample, not an error. Consistency students (CD / CT / PCM at 1, 2, 4 steps; "
+                 "benchmarks/consistency_mixture.py trains them and writes its JSON): a second table below and stars "
+                 "on the plot, where that JSON is there for this schedule.",)  # fmt: skip
         for name in ("linear", "cosine") if args.schedule in (None, "both") else (args.schedule,):
             sched = getattr(schedule, name)(T=1000)
             title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples, {gamma}"
-            jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched, notes))
+            # read (and checked) now, not after the long run
+            students, said = read_students(consistency, sched, data, args.seed) if consistency else ([], "")
+            jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched, (*notes, said), students))
     # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
     exact = None
-    for file, title, rows, model, data, sched, notes in jobs:
+    for file, title, rows, model, data, sched, notes, students in jobs:
         if max(args.nfe) > sched.T:
             raise UsageError(f"--nfe {max(args.nfe)} exceeds the schedule's T={sched.T} steps")
         keep = bool(args.checkpoint) and exact is None
@@ -473,12 +569,12 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
                        **opts)  # fmt: skip
         exact = result.pop("samples", exact)  # large: not returned
         timing = f"Run time: {result['seconds']:.0f} s on this CPU ({result['gamma_seconds']:.0f} s of it for Gamma)."
-        text = markdown(title, rows, args.nfe, result, (*notes, timing))
+        text = markdown(title, rows, args.nfe, result, tuple(n for n in (*notes, timing) if n), students)
         print(text, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{file}.md").write_text(text)
         if args.plot:
-            plot(out / f"{file}.png", title, rows, args.nfe, result)
+            plot(out / f"{file}.png", title, rows, args.nfe, result, students)
         results[file] = result
     return results
 

@@ -10,6 +10,7 @@ import os
 # slower. Set before numpy loads (as the benchmark script does); in a whole-suite run an earlier file may load it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,6 +24,7 @@ from benchmarks.quality_vs_steps import (  # noqa: E402
     image_mixture,
     main,
     nfe_steps,
+    read_students,
     skip_rho,
     skip_rows,
     table,
@@ -31,7 +33,7 @@ from diffusion import samplers  # noqa: E402
 from diffusion.checkpoints import CheckpointError  # noqa: E402
 from diffusion.deepcache import official_steps, uniform_steps  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
-from diffusion.schedule import linear  # noqa: E402
+from diffusion.schedule import cosine, linear  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
 
 CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \(S=(\d+)(?:, F=(\d+))?\)(?: · ([\d.]+), ([\d.]+)%)?$")
@@ -39,8 +41,10 @@ CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \(S=(\d+)(?:, F=(\d+))?\)(?: · ([\d
 
 def parse_table(text: str, columns: list[int]) -> tuple[dict[tuple[str, str], list[tuple | None]], list[str]]:
     """{(sampler, spacing): [(frechet, mode error, S, full, RMS paired, % flipped; None where absent) or None for a
-    blank cell, per column]}, and the floor's cells."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    blank cell, per column]}, and the floor's cells: the first table (the consistency students' may follow)."""
+    lines = [
+        line for line in text.split("\nConsistency students, exact teacher")[0].splitlines() if line.startswith("|")
+    ]
     assert lines[0] == "| sampler | spacing | " + " | ".join(f"{c} NFE" for c in columns) + " |"
     rows = {}
     for line in lines[2:-1]:
@@ -66,7 +70,7 @@ def test_nfe_steps_inverts_the_counted_calls_of_every_sampler():
         counts = {}
         for S in range(1, 31):
             calls = []
-            options = row.options | ({"gamma": gamma} if "analytic" in row.sampler.__name__ else {})
+            options = row.options | ({"gamma": gamma, "data_var": 1.0} if "analytic" in row.sampler.__name__ else {})
             row.sampler(lambda x, t, calls=calls: calls.append(1) or torch.zeros_like(x), x, sched,
                         torch.arange(999, -1, -1000 // S)[:S], clip=False, **options)  # fmt: skip
             counts[S] = len(calls)
@@ -79,9 +83,14 @@ def test_nfe_steps_inverts_the_counted_calls_of_every_sampler():
 def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
     columns = [5, 10]
     argv = ["--schedule", "linear", "--nfe", "5,10", "--samples", "500", "--gamma-m", "20", "--endpoint-steps", "50"]
-    results = main([*argv, "--out", str(tmp_path)])
+    (tmp_path / "students.json").write_text(json.dumps(STUDENTS))
+    results = main([*argv, "--out", str(tmp_path), "--consistency", str(tmp_path / "students.json")])
     text = (tmp_path / "quality_linear.md").read_text()
     rows, _ = parse_table(text, columns)
+    tail = text.split("| method | steps | NFE | Frechet | paired RMS | other mode |\n|---|---|---|---|---|---|\n")[1]
+    assert tail.splitlines()[:3] == ["| CD | 1 | 1 | 2.74 | 0.216 | 6.7% |", "| CD | 2 | 2 | 2.19 | 0.416 | 27.1% |",
+                                     "| CT | 1 | 1 | 74.3 | 0.751 | 60.4% |"]  # fmt: skip
+    assert "Consistency students, exact teacher (5000 samples)" in text and "students.json (5000 samples" in text
     assert list(rows) == [(r.name, r.spacing) for r in ROWS]
     assert (tmp_path / "quality_linear.png").stat().st_size > 10_000
     assert not (tmp_path / "quality_cosine.md").exists()
@@ -105,6 +114,61 @@ def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
     dpm = ROWS.index(next(r for r in ROWS if r.sampler is samplers.dpm_solver and r.spacing == "logsnr"))
     assert result["cells"][dpm, 10].paired[0] < result["cells"][dpm, 5].paired[0] < result["cells"][0, 5].paired[0]
     assert result["cells"][0, 10].paired[1] > 0.3  # DDPM's fresh noise moves many samples to another mode
+
+
+STUDENTS = {"schedule": "linear", "shape": [3, 8, 8], "samples": 5000, "iterations": 1200, "rows": [
+    {"method": "CD", "steps": 1, "nfe": 1, "fd": 2.74, "rms": 0.216, "other_mode": 0.067},
+    {"method": "CD", "steps": 2, "nfe": 2, "fd": 2.19, "rms": 0.416, "other_mode": 0.271},
+    {"method": "CT", "steps": 1, "nfe": 1, "fd": 74.3, "rms": 0.751, "other_mode": 0.604},
+]}  # fmt: skip
+
+
+def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixture(tmp_path):
+    path, data = tmp_path / "c.json", image_mixture()
+    assert read_students(path, linear(1000), data) == ([], "")  # absent: nothing said
+    path.write_text(json.dumps(STUDENTS))
+    students, note = read_students(path, linear(1000), data)
+    assert [r["method"] for r in students] == ["CD", "CD", "CT"] and all(r["samples"] == 5000 for r in students)
+    assert students[1] == STUDENTS["rows"][1] | {"samples": 5000} and "5000 samples per row" in note
+    rows, said = read_students(path, cosine(1000), data)
+    assert rows == [] and said == ("Consistency students: c.json is for the linear schedule, shape [3, 8, 8] and "
+                                   "mixture seed 0, not cosine, [3, 8, 8] and 0: not shown.")  # fmt: skip
+    rows, said = read_students(path, linear(1000), image_mixture(image_size=4))
+    assert rows == [] and "shape [3, 8, 8]" in said and "[3, 4, 4]" in said
+    rows, said = read_students(path, linear(1000), data, seed=1)
+    assert rows == [] and "seed 0" in said
+    path.write_text(json.dumps(STUDENTS | {"seed": 1}))
+    assert len(read_students(path, linear(1000), data, seed=1)[0]) == 3
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("not json", "not readable JSON"),
+        ("[1, 2]", "top level must be an object"),
+        (json.dumps({k: v for k, v in STUDENTS.items() if k != "samples"}), '"samples" must be a int'),
+        (json.dumps(STUDENTS | {"shape": [3, 8.5, 8]}), '"shape" must hold positive ints'),
+        (json.dumps(STUDENTS | {"schedule": 1}), '"schedule" must be a str'),
+        (json.dumps(STUDENTS | {"rows": []}), '"rows" not empty'),
+        (json.dumps(STUDENTS | {"rows": ["CD"]}), r"rows\[0\] must be an object"),
+        (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"fd": "2.7"}]}), r'rows\[0\]\["fd"\] must be a float'),
+        (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"steps": True}]}), r'\["steps"\] must be a int'),
+        (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"other_mode": 6.7}]}), "a fraction in"),
+        (
+            '{"schedule": "linear", "shape": [3, 8, 8], "samples": 9, "rows": [{"method": "CD", "steps": 1, "nfe": 1, '
+            '"fd": NaN, "rms": 0.1, "other_mode": 0.1}]}',
+            r'\["fd"\] must be a float',
+        ),
+        (json.dumps(STUDENTS | {"rows": [{k: v for k, v in STUDENTS["rows"][0].items() if k != "rms"}]}), '"rms"'),
+    ],
+)
+def test_a_broken_consistency_json_is_named_before_the_long_run(broken, message, tmp_path):
+    (tmp_path / "c.json").write_text(broken)
+    with pytest.raises(UsageError, match=message):
+        read_students(tmp_path / "c.json", linear(1000), image_mixture())
+    with pytest.raises(UsageError, match="rerun benchmarks/consistency_mixture.py"):
+        main(["--schedule", "linear", "--consistency", str(tmp_path / "c.json"), "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("quality_*"))
 
 
 def save_checkpoint(path, data: dict) -> None:
