@@ -11,8 +11,9 @@ with e = -1 (clean data: x_e is the network's x0) for CD and CT, and the phase e
 `consistency_sampling` is an ordinary sampler of diffusion.samplers' contract.
 
 Notation (code -> papers):
-    grid          t_0 = -1 < t_1 < ... < t_N = T-1: t_n = round(n T / N) - 1 (timesteps.trailing); N = T / k for
-                  LCM's skipping step k; Song et al.'s discretization with boundary t_0 (epsilon: clean data)
+    grid          t_0 = -1 < t_1 < ... < t_N = T-1, boundary t_0 (Song et al.'s epsilon: clean data): `karras`
+                  (Song et al. 2023: rho = 7 in the VE noise level, dense near the data) or `grid`, uniform
+                  t_n = round(n T / N) - 1 (timesteps.trailing; LCM's skipping step T / N)
     edges         PCM's phase edges s_0 = -1 < s_1 < ... < s_{M-1}: s_j = round(j T / M) - 1
     abar, alpha, sigma   alpha_bar_t, sqrt(abar), sqrt(1 - abar); sigma / alpha is the VE noise level of x_t / alpha
     mu            the target network's EMA rate (Song et al. 2023, Alg. 2-3; Song & Dhariwal 2023: mu = 0)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,9 +32,9 @@ from . import samplers, timesteps
 from .samplers import Generator, Model, _at, _predict_x0, _steps, randn_like
 from .schedule import Schedule
 
-__all__ = ["boundary", "grid", "phase_edges", "edge_below", "consistency", "ConsistencyModel", "ddim_step",
-           "dpm_solver_step", "SOLVERS", "DISTANCES", "distance", "cd_loss", "ct_loss", "ct_steps",
-           "lognormal_weights", "consistency_sampling"]  # fmt: skip
+__all__ = ["boundary", "grid", "karras", "GRIDS", "make_grid", "phase_edges", "edge_below", "consistency",
+           "ConsistencyModel", "ddim_step", "dpm_solver_step", "SOLVERS", "DISTANCES", "distance", "cd_loss",
+           "ct_loss", "ct_steps", "lognormal_weights", "consistency_sampling"]  # fmt: skip
 
 SIGMA_DATA = 0.5  # sigma_data of the boundary coefficients (Song et al. 2023, app. C; LCM)
 TIME_SCALE = 10.0  # LCM's timestep_scaling: c_out reaches 0.999 one timestep above the edge
@@ -56,6 +58,39 @@ def grid(N: int, T: int) -> Tensor:
     if not 1 <= N <= T:
         raise ValueError(f"the consistency grid needs 1 <= N <= T={T} intervals, got N={N}")
     return torch.cat([torch.tensor([-1]), timesteps.trailing(N, T).flip(0)])
+
+
+def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
+    """Song et al. 2023's discretization [N + 1], ascending: -1 (clean data), then the timesteps nearest in log s to
+    s_i = (s_min^(1/rho) + i / (N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho, i = 0 .. N-1 (Karras et al. 2022 eq. 5),
+    s_t = sigma_t / alpha_t the VE noise level, s_min = s_0, s_max = s_{T-1} (below a cliff in beta, as
+    timesteps.logsnr: the last point still T-1); repeats move up to the next free
+    timestep (N = T: every timestep). Dense near the data, where the last step onto it must keep the spread."""
+    T = schedule.T
+    if not 1 <= N <= T:
+        raise ValueError(f"the consistency grid needs 1 <= N <= T={T} intervals, got N={N}")
+    if N == 1:
+        return torch.tensor([-1, T - 1])
+    start = int(torch.nonzero(schedule.betas < 0.5).max())  # as timesteps.logsnr: below the cosine schedule's cliff
+    abar = schedule.alphas_cumprod[: start + 1].cpu()
+    log_s = (0.5 * ((-abar).log1p() - abar.log())).numpy()  # increasing in t
+    i = np.arange(N)
+    lo, hi = np.exp(log_s[0] / rho), np.exp(log_s[-1] / rho)
+    s = (lo + i / (N - 1) * (hi - lo)) ** rho
+    ts = np.interp(np.log(s), log_s, np.arange(start + 1, dtype=np.float64)).round().astype(np.int64)
+    ts[-1] = T - 1  # sampling starts from pure noise at T-1
+    ts = np.minimum(np.maximum.accumulate(ts - i) + i, T - N + i)  # repeats up; the top ones back down to T-1
+    return torch.cat([torch.tensor([-1]), torch.from_numpy(ts)])
+
+
+GRIDS = {"karras": karras, "uniform": lambda N, schedule: grid(N, schedule.T)}
+
+
+def make_grid(name: str, N: int, schedule: Schedule) -> Tensor:
+    """The discretization `name` (karras: Song et al. 2023; uniform: LCM's skipping step T / N) with N intervals."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown consistency grid {name!r}: choose karras or uniform")
+    return GRIDS[name](N, schedule)
 
 
 def phase_edges(M: int, T: int) -> Tensor:
@@ -169,16 +204,18 @@ Consistency = Callable[[Tensor, Tensor, Tensor], Tensor]  # f(x, t, edge)
 
 
 def cd_loss(f: Consistency, f_target: Consistency, teacher: Model, schedule: Schedule, x0: Tensor, *, N: int,
-            k: int = 1, phases: int = 1, solver: str = "ddim", loss: str = "l2",
-            generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
-    """Consistency distillation (Song et al. 2023, Alg. 2; PCM with phases > 1): n ~ U{0..N-k}, x_hi = q_sample(x0,
-    t_{n+k}), x_lo = the teacher's `solver` step to t_n (not below the phase edge e of t_{n+k}); the loss is
-    d(f(x_hi, t_{n+k}, e), f_target(x_lo, t_lo, e)), the target without gradients."""
+            k: int = 1, phases: int = 1, solver: str = "ddim", loss: str = "l2", grid: str = "karras",
+            weighting: bool = False, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """Consistency distillation (Song et al. 2023, Alg. 2; PCM with phases > 1): n ~ U{0..N-k} on the `grid`
+    discretization (make_grid), x_hi = q_sample(x0, t_{n+k}), x_lo = the teacher's `solver` step to t_n (not below
+    the phase edge e of t_{n+k}); the loss is lambda d(f(x_hi, t_{n+k}, e), f_target(x_lo, t_lo, e)), the target
+    without gradients, lambda = 1 (Song et al. 2023) or with `weighting` 1 / (s_hi - s_lo) in the VE noise level
+    (Song & Dhariwal 2023 sec. 3.2: each interval's pull in proportion to how little its ends differ)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown teacher solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if not 1 <= k <= N:
         raise ValueError(f"the skipping step k={k} must lie in 1..N={N}")
-    ts, edges = grid(N, schedule.T).to(x0.device), phase_edges(phases, schedule.T).to(x0.device)
+    ts, edges = make_grid(grid, N, schedule).to(x0.device), phase_edges(phases, schedule.T).to(x0.device)
     n = torch.randint(0, N - k + 1, (len(x0),), device=x0.device, generator=generator)
     t_hi = ts[n + k]
     edge = edge_below(t_hi, edges)
@@ -187,27 +224,35 @@ def cd_loss(f: Consistency, f_target: Consistency, teacher: Model, schedule: Sch
     x_hi = _to(x0, z, _col(schedule.alpha_bar(t_hi), x0))
     with torch.no_grad():
         target = f_target(SOLVERS[solver](teacher, schedule, x_hi, t_hi, t_lo), t_lo, edge)
-    return distance(loss, f(x_hi, t_hi, edge), target).mean()
+    d = distance(loss, f(x_hi, t_hi, edge), target)
+    return (d / _ve_gap(schedule, t_lo, t_hi).to(d) if weighting else d).mean()
 
 
-def lognormal_weights(N: int, schedule: Schedule, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
-    """P(n) for the interval [t_n, t_{n+1}], n = 0..N-1: erf((ln s_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln s_n -
-    P_mean) / (sqrt 2 P_std)) normalised, with s = sigma / alpha the VE noise level (Song & Dhariwal 2023 sec. 3.5)."""
-    abar = schedule.alpha_bar(grid(N, schedule.T)).cpu()
+def _ve_gap(schedule: Schedule, t_lo: Tensor, t_hi: Tensor) -> Tensor:
+    """s(t_hi) - s(t_lo) [B], s = sigma / alpha the VE noise level (0 at clean data): iCT's lambda is its inverse."""
+    s = lambda t: ((1 - schedule.alpha_bar(t)) / schedule.alpha_bar(t)).sqrt()  # noqa: E731
+    return s(t_hi) - s(t_lo)
+
+
+def lognormal_weights(ts: Tensor, schedule: Schedule, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """P(n) for the interval [t_n, t_{n+1}] of the grid ts [N + 1], n = 0..N-1: erf((ln s_{n+1} - P_mean) / (sqrt 2
+    P_std)) - erf((ln s_n - P_mean) / (sqrt 2 P_std)) normalised, with s = sigma / alpha the VE noise level (Song &
+    Dhariwal 2023 sec. 3.5)."""
+    abar = schedule.alpha_bar(ts.cpu()).cpu()
     cdf = torch.erf((0.5 * ((1 - abar).log() - abar.log()) - p_mean) / (math.sqrt(2) * p_std))  # s_0 = 0: erf = -1
     p = cdf[1:] - cdf[:-1]
     return p / p.sum()
 
 
 def ct_loss(f: Consistency, f_target: Consistency, schedule: Schedule, x0: Tensor, *, N: int,
-            loss: str = "pseudo_huber", lognormal: bool = True, weighting: bool = True,
+            loss: str = "pseudo_huber", lognormal: bool = True, weighting: bool = True, grid: str = "karras",
             generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """Consistency training (Song et al. 2023, Alg. 3): x_lo and x_hi from the same x0 and z at t_n and t_{n+1}, loss
     lambda d(f(x_hi, t_{n+1}), f_target(x_lo, t_n)); with Song & Dhariwal 2023's n ~ `lognormal_weights` and
     lambda = 1 / (s_{n+1} - s_n) (`weighting`; else n uniform and lambda = 1)."""
-    ts = grid(N, schedule.T).to(x0.device)
+    ts = make_grid(grid, N, schedule).to(x0.device)
     if lognormal:
-        p = lognormal_weights(N, schedule).to(x0.device)
+        p = lognormal_weights(ts, schedule).to(x0.device)
         n = torch.multinomial(p, len(x0), replacement=True, generator=generator)
     else:
         n = torch.randint(0, N, (len(x0),), device=x0.device, generator=generator)
@@ -218,10 +263,7 @@ def ct_loss(f: Consistency, f_target: Consistency, schedule: Schedule, x0: Tenso
     with torch.no_grad():
         target = f_target(_to(x0, z, _col(abar_lo, x0)), t_lo, edge)
     d = distance(loss, f(_to(x0, z, _col(abar_hi, x0)), t_hi, edge), target)
-    if weighting:
-        s = lambda a: ((1 - a) / a).sqrt()  # noqa: E731
-        d = d / (s(abar_hi) - s(abar_lo)).to(d)
-    return d.mean()
+    return (d / _ve_gap(schedule, t_lo, t_hi).to(d) if weighting else d).mean()
 
 
 def ct_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:

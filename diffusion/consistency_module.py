@@ -27,7 +27,7 @@ from .training import DiffusionModule, ema_update
 __all__ = ["ConsistencyModule", "adopt_teacher", "METHODS", "check_options"]
 
 METHODS = ("cd", "ct")
-OPTIONS = {"method", "N", "k", "solver", "loss", "mu", "phases", "s0", "s1"}
+OPTIONS = {"method", "N", "k", "solver", "loss", "mu", "phases", "s0", "s1", "grid"}
 
 
 def check_options(options: dict[str, Any], T: int) -> None:
@@ -47,6 +47,8 @@ def check_options(options: dict[str, Any], T: int) -> None:
             raise UsageError(str(error)) from None
     if options.get("loss") not in cm.DISTANCES:
         raise UsageError(f"consistency.loss={options.get('loss')!r}: choose one of {', '.join(cm.DISTANCES)}")
+    if options.get("grid") not in cm.GRIDS:
+        raise UsageError(f"consistency.grid={options.get('grid')!r}: choose karras (Song et al. 2023) or uniform (LCM)")
     if options.get("solver") not in cm.SOLVERS:
         raise UsageError(f"consistency.solver={options.get('solver')!r}: choose one of {', '.join(cm.SOLVERS)}")
     whole = {k: options.get(k) for k in ("N", "k", "phases", "s0", "s1")}
@@ -134,22 +136,23 @@ class ConsistencyModule(DiffusionModule):
 
     Args:
         teacher: the frozen eps-model CD distils (the student starts from its weights); None for CT.
-        method, N, k, solver, loss, mu, phases: conf/experiment/cd.yaml documents them.
+        method, N, k, solver, loss, mu, phases, grid: conf/experiment/cd.yaml documents them.
         s0, s1: CT's curriculum N from s0 to min(s1, T) intervals over the run's max_steps.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, optimizer, *, teacher: nn.Module | None = None,
                  method: str = "cd", N: int = 50, k: int = 1, solver: str = "ddim", loss: str = "l2",
-                 mu: float = 0.95, phases: int = 1, s0: int = 10, s1: int = 1280, **kwargs) -> None:  # fmt: skip
-        check_options(dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1),
-                      schedule.T)  # fmt: skip
+                 mu: float = 0.95, phases: int = 1, s0: int = 10, s1: int = 1280, grid: str = "karras",
+                 **kwargs) -> None:  # fmt: skip
+        options = dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1, grid=grid)
+        check_options(options, schedule.T)
         if (teacher is None) != (method == "ct"):
             raise UsageError("consistency distillation needs a teacher and training takes none (see adopt_teacher)")
         if teacher is not None:
             model.load_state_dict(teacher.state_dict())  # the student starts as the teacher
         super().__init__(model, schedule, optimizer, **kwargs)
         self.method, self.N, self.k, self.solver, self.loss_name = method, N, k, solver, loss
-        self.mu, self.phases, self.s0, self.s1 = mu, phases, s0, s1
+        self.mu, self.phases, self.s0, self.s1, self.grid = mu, phases, s0, s1, grid
         # The target network theta^-: an EMA of rate mu for CD, saved with the run; CT's is the student itself.
         self.target = copy.deepcopy(model).eval().requires_grad_(False) if method == "cd" else None
         self._teacher = [teacher]  # in a list: not a submodule, so never in the checkpoint; moved in setup()
@@ -169,10 +172,11 @@ class ConsistencyModule(DiffusionModule):
     def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         f = partial(cm.consistency, self.model, self.schedule)
         if self.method == "ct":
-            return cm.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self.loss_name, generator=generator)
+            return cm.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self.loss_name, grid=self.grid,
+                              generator=generator)  # fmt: skip
         f_target = partial(cm.consistency, self.target, self.schedule)
         return cm.cd_loss(f, f_target, self._teacher[0], self.schedule, batch, N=self.N, k=self.k, phases=self.phases,
-                          solver=self.solver, loss=self.loss_name, generator=generator)  # fmt: skip
+                          solver=self.solver, loss=self.loss_name, grid=self.grid, generator=generator)  # fmt: skip
 
     def on_finite_step(self) -> None:
         super().on_finite_step()

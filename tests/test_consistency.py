@@ -115,6 +115,31 @@ def test_grid_and_phase_edges():
                 assert set(timesteps.trailing(S, 100).tolist()) <= set(cm.grid(N, 100).tolist())
 
 
+def test_karras_grid_follows_its_formula():
+    """Song et al. 2023's discretization in our VE noise level s_t = sigma_t / alpha_t: each point within one timestep
+    of s_i = (s_0^(1/7) + i/(N-1) (s_{T-1}^(1/7) - s_0^(1/7)))^7 where no two round alike; N + 1 distinct points from
+    -1 to T-1 for every N (N = T: every timestep); the uniform grid by name."""
+    for sched in (SCHEDULE, linear(1000), cosine(1000)):
+        s = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod).sqrt()
+        for N in (*range(1, 41), sched.T // 2, sched.T - 1, sched.T):
+            ts = cm.karras(N, sched)
+            assert len(ts) == N + 1 and ts[0] == -1 and ts[-1] == sched.T - 1 and bool((ts.diff() > 0).all()), N
+        assert cm.karras(sched.T, sched).tolist() == list(range(-1, sched.T))
+    sched = linear(1000)
+    s = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod).sqrt()
+    for N in (2, 5, 10, 18):
+        ts, i = cm.karras(N, sched)[1:], torch.arange(N, dtype=torch.float64)
+        target = (s[0] ** (1 / 7) + i / (N - 1) * (s[-1] ** (1 / 7) - s[0] ** (1 / 7))) ** 7
+        below, above = s[(ts - 1).clamp(min=0)], s[(ts + 1).clamp(max=999)]
+        assert bool((below <= target * (1 + 1e-9)).all() and (target <= above * (1 + 1e-9)).all()), (N, ts)
+    assert cm.karras(18, sched)[:4].tolist() == [-1, 0, 5, 21]  # dense near the data: s = 0.010, 0.030, 0.083
+    assert torch.equal(cm.make_grid("uniform", 10, sched), cm.grid(10, 1000))
+    with pytest.raises(ValueError, match="unknown consistency grid"):
+        cm.make_grid("edm", 10, sched)
+    with pytest.raises(ValueError, match="N <= T"):
+        cm.karras(T + 1, SCHEDULE)
+
+
 # ---------------------------------------------------------------- teacher solvers
 
 
@@ -191,6 +216,19 @@ def test_ct_loss_of_the_exact_ode_map_is_zero_only_in_the_limit():
     assert losses[1] < 0.5 * losses[0]
 
 
+def test_weighting_divides_by_the_gap_in_ve_noise_level():
+    """One interval (N = 1: from T-1 onto clean data): iCT's lambda is 1 / s_{T-1} for every sample, CD and CT."""
+    s_top = ((1 - SCHEDULE.alphas_cumprod[-1]) / SCHEDULE.alphas_cumprod[-1]).sqrt().item()
+    f = partial(cm.consistency, Teacher().double(), SCHEDULE)
+    x0 = DATA.sample(64, generator=torch.Generator().manual_seed(0))
+    for grid in cm.GRIDS:
+        plain, weighted = (cd(f, f, N=1, grid=grid, weighting=w).item() for w in (False, True))
+        assert weighted == pytest.approx(plain / s_top, rel=1e-12) and plain > 0
+        ct = partial(cm.ct_loss, f, f, SCHEDULE, x0, N=1, grid=grid, loss="l2")
+        plain, weighted = (ct(weighting=w, generator=torch.Generator().manual_seed(1)).item() for w in (False, True))
+        assert weighted == pytest.approx(plain / s_top, rel=1e-12) and plain > 0
+
+
 def test_distances():
     a, b = torch.zeros(3, 4), torch.ones(3, 4)
     assert torch.equal(cm.distance("l2", a, b), torch.ones(3))
@@ -229,7 +267,7 @@ def test_ct_curriculum_follows_its_formula():
 
 
 def test_lognormal_weights_put_mass_where_the_paper_does():
-    p = cm.lognormal_weights(T, SCHEDULE)
+    p = cm.lognormal_weights(cm.grid(T, T), SCHEDULE)
     assert torch.allclose(p.sum(), torch.tensor(1.0, dtype=p.dtype)) and bool((p >= 0).all())
     s = ((1 - SCHEDULE.alphas_cumprod) / SCHEDULE.alphas_cumprod).sqrt()  # s_n for n = 1..T
     erf = lambda v: torch.erf((v.log() + 1.1) / (math.sqrt(2) * 2.0))  # noqa: E731
@@ -384,6 +422,7 @@ def test_ct_and_pcm_runs(runs):
         (["experiment=ct", "consistency.method=gan"], "use cd"),
         (["experiment=ct", "consistency.mu=1.0"], "EMA rate"),
         (["experiment=ct", "consistency.phases=2"], "PCM = method cd"),
+        (["experiment=ct", "consistency.grid=edm"], "choose karras"),
         (["experiment=cd", "teacher=/nonexistent.ckpt"], "no checkpoint at"),
     ],
 )
