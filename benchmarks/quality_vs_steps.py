@@ -312,7 +312,9 @@ def read_students(path: Path, sched: Schedule, data: GaussianMixture, seed: int 
     """(rows, note) from benchmarks/consistency_mixture.py's JSON: {"schedule", "shape", "samples", "rows": [{method,
     steps, nfe, fd, rms, other_mode (a fraction)}, ...]}, optionally "seed" (image_mixture's; 0 if absent). Plain
     data, checked key by key (UsageError naming the first problem; other keys are ignored); no rows, said why, when
-    the file is absent or made for another schedule, shape or mixture seed."""
+    the file is absent or made for another schedule, shape or mixture seed. Its rows for our own samplers (method
+    "<row name> (<spacing>)" of ROWS: its baselines) are left out, said so: this table measures them itself. A row
+    "noise floor..." with steps = nfe = 0 is its noise floor ("floor": True), shown in the table, not plotted."""
     if not path.exists():
         return [], ""
     try:
@@ -334,8 +336,9 @@ def read_students(path: Path, sched: Schedule, data: GaussianMixture, seed: int 
         for key, kind in STUDENT_KEYS.items():
             need(key in row and _is(row[key], kind), f'rows[{i}]["{key}"] must be a {kind.__name__}, got '
                  f"{row.get(key)!r}")  # fmt: skip
-        need(bool(row["method"].strip()) and row["steps"] >= 1 and row["nfe"] >= 1, f"rows[{i}]: empty method or a "
-             "count below 1")  # fmt: skip
+        floor = row["method"].startswith("noise floor") and row["steps"] == row["nfe"] == 0
+        need(bool(row["method"].strip()) and (floor or (row["steps"] >= 1 and row["nfe"] >= 1)), f"rows[{i}]: empty "
+             "method or a count below 1 (0 and 0 only for a 'noise floor' row)")  # fmt: skip
         need(row["fd"] >= 0 and row["rms"] >= 0 and 0 <= row["other_mode"] <= 1, f"rows[{i}]: fd and rms must be "
              f"finite and >= 0, other_mode a fraction in [0, 1]")  # fmt: skip
     need(_is(doc.get("seed", 0), int), f'"seed" must be an int, got {doc.get("seed")!r}')
@@ -343,9 +346,13 @@ def read_students(path: Path, sched: Schedule, data: GaussianMixture, seed: int 
     if theirs != mine:
         return [], (f"Consistency students: {path.name} is for the {theirs[0]} schedule, shape {theirs[1]} and mixture "
                     f"seed {theirs[2]}, not {mine[0]}, {mine[1]} and {mine[2]}: not shown.")  # fmt: skip
+    ours = {f"{r.name} ({r.spacing})" for r in ROWS}
+    baselines = list(dict.fromkeys(row["method"] for row in doc["rows"] if row["method"] in ours))
     note = (f"Consistency students: {path.name} ({doc['samples']} samples per row, so their own noise floor; "
-            "benchmarks/consistency_mixture.py trains them).")  # fmt: skip
-    return [row | {"samples": doc["samples"]} for row in doc["rows"]], note
+            "benchmarks/consistency_mixture.py trains them)" + (f"; its rows for {', '.join(baselines)} are left out "
+            "(this table's own rows)." if baselines else "."))  # fmt: skip
+    rows = [row for row in doc["rows"] if row["method"] not in ours]
+    return [row | {"samples": doc["samples"], "floor": row["steps"] == 0} for row in rows], note
 
 
 def _is(value, kind: type) -> bool:
@@ -364,9 +371,10 @@ def students_markdown(students: Sequence[dict]) -> list[str]:
     lines = ["", f"Consistency students, exact teacher ({students[0]['samples']} samples): Frechet distance / "
              "paired RMS per pixel to the exact ODE endpoint / share of samples on another mode.", "",
              "| method | steps | NFE | Frechet | paired RMS | other mode |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in students:
-        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['fd']:.3g} | {r['rms']:.3f} | "
-                     f"{100 * r['other_mode']:.1f}% |")  # fmt: skip
+    for r in sorted(students, key=lambda r: r["floor"]):  # the floor last, as in the samplers' table
+        counts = "| | |" if r["floor"] else f"| {r['steps']} | {r['nfe']} |"
+        paired = "| | |" if r["floor"] else f"| {r['rms']:.3f} | {100 * r['other_mode']:.1f}% |"
+        lines.append(f"| {r['method']} {counts} {r['fd']:.3g} {paired}")
     return lines
 
 
@@ -426,7 +434,7 @@ def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], re
         axes[0].plot([c.nfe for c in cells], [c.frechet for c in cells], label=f"{row.name} ({row.spacing})", **kw)
         second = [c.paired[0] if has_pair else c.mode_error for c in cells]
         axes[1].plot([c.nfe for c in cells], second, **kw)
-    for j, method in enumerate(dict.fromkeys(r["method"] for r in students)):
+    for j, method in enumerate(dict.fromkeys(r["method"] for r in students if not r["floor"])):
         mine = [r for r in students if r["method"] == method]
         kw = dict(marker="*PXh"[j % 4], s=60, color=f"C{(j + 3) % 10}", edgecolor="k", zorder=6)
         axes[0].scatter([r["nfe"] for r in mine], [r["fd"] for r in mine], label=f"{method} (consistency)", **kw)

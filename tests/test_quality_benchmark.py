@@ -88,9 +88,14 @@ def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
     text = (tmp_path / "quality_linear.md").read_text()
     rows, _ = parse_table(text, columns)
     tail = text.split("| method | steps | NFE | Frechet | paired RMS | other mode |\n|---|---|---|---|---|---|\n")[1]
-    assert tail.splitlines()[:3] == ["| CD | 1 | 1 | 2.74 | 0.216 | 6.7% |", "| CD | 2 | 2 | 2.19 | 0.416 | 27.1% |",
-                                     "| CT | 1 | 1 | 74.3 | 0.751 | 60.4% |"]  # fmt: skip
+    assert tail.splitlines() == [
+        "| CD | 1 | 1 | 2.74 | 0.216 | 6.7% |",
+        "| CD | 2 | 2 | 2.19 | 0.416 | 27.1% |",
+        "| CT | 1 | 1 | 74.3 | 0.751 | 60.4% |",
+        "| noise floor: exact samples | | | 0.0458 | | |",
+    ]
     assert "Consistency students, exact teacher (5000 samples)" in text and "students.json (5000 samples" in text
+    assert "its rows for ddim η=0 (leading) are left out (this table's own rows)" in text  # fmt: skip
     assert list(rows) == [(r.name, r.spacing) for r in ROWS]
     assert (tmp_path / "quality_linear.png").stat().st_size > 10_000
     assert not (tmp_path / "quality_cosine.md").exists()
@@ -116,11 +121,20 @@ def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
     assert result["cells"][0, 10].paired[1] > 0.3  # DDPM's fresh noise moves many samples to another mode
 
 
-STUDENTS = {"schedule": "linear", "shape": [3, 8, 8], "samples": 5000, "iterations": 1200, "rows": [
-    {"method": "CD", "steps": 1, "nfe": 1, "fd": 2.74, "rms": 0.216, "other_mode": 0.067},
-    {"method": "CD", "steps": 2, "nfe": 2, "fd": 2.19, "rms": 0.416, "other_mode": 0.271},
-    {"method": "CT", "steps": 1, "nfe": 1, "fd": 74.3, "rms": 0.751, "other_mode": 0.604},
-]}  # fmt: skip
+# as consistency_mixture.py writes it: its students, one of its ODE baselines and its noise floor
+STUDENTS = {
+    "schedule": "linear",
+    "shape": [3, 8, 8],
+    "samples": 5000,
+    "iterations": 1200,
+    "rows": [
+        {"method": "CD", "steps": 1, "nfe": 1, "fd": 2.74, "rms": 0.216, "other_mode": 0.067},
+        {"method": "CD", "steps": 2, "nfe": 2, "fd": 2.19, "rms": 0.416, "other_mode": 0.271},
+        {"method": "CT", "steps": 1, "nfe": 1, "fd": 74.3, "rms": 0.751, "other_mode": 0.604},
+        {"method": "ddim η=0 (leading)", "steps": 10, "nfe": 10, "fd": 0.788, "rms": 0.097, "other_mode": 0.009},
+        {"method": "noise floor: exact samples", "steps": 0, "nfe": 0, "fd": 0.0458, "rms": 0.0, "other_mode": 0.0},
+    ],
+}  # fmt: skip
 
 
 def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixture(tmp_path):
@@ -128,8 +142,10 @@ def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixtu
     assert read_students(path, linear(1000), data) == ([], "")  # absent: nothing said
     path.write_text(json.dumps(STUDENTS))
     students, note = read_students(path, linear(1000), data)
-    assert [r["method"] for r in students] == ["CD", "CD", "CT"] and all(r["samples"] == 5000 for r in students)
-    assert students[1] == STUDENTS["rows"][1] | {"samples": 5000} and "5000 samples per row" in note
+    methods = ["CD", "CD", "CT", "noise floor: exact samples"]  # the ddim baseline is the table's own row
+    assert [r["method"] for r in students] == methods and all(r["samples"] == 5000 for r in students)
+    assert [r["floor"] for r in students] == [False, False, False, True]
+    assert students[1] == STUDENTS["rows"][1] | {"samples": 5000, "floor": False} and "5000 samples per row" in note
     rows, said = read_students(path, cosine(1000), data)
     assert rows == [] and said == ("Consistency students: c.json is for the linear schedule, shape [3, 8, 8] and "
                                    "mixture seed 0, not cosine, [3, 8, 8] and 0: not shown.")  # fmt: skip
@@ -138,7 +154,7 @@ def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixtu
     rows, said = read_students(path, linear(1000), data, seed=1)
     assert rows == [] and "seed 0" in said
     path.write_text(json.dumps(STUDENTS | {"seed": 1}))
-    assert len(read_students(path, linear(1000), data, seed=1)[0]) == 3
+    assert len(read_students(path, linear(1000), data, seed=1)[0]) == 4
 
 
 @pytest.mark.parametrize(
@@ -154,6 +170,8 @@ def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixtu
         (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"fd": "2.7"}]}), r'rows\[0\]\["fd"\] must be a float'),
         (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"steps": True}]}), r'\["steps"\] must be a int'),
         (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"other_mode": 6.7}]}), "a fraction in"),
+        (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][0] | {"steps": 0, "nfe": 0}]}), "0 and 0 only for a 'noise"),
+        (json.dumps(STUDENTS | {"rows": [STUDENTS["rows"][-1] | {"nfe": 1}]}), "a count below 1"),
         (
             '{"schedule": "linear", "shape": [3, 8, 8], "samples": 9, "rows": [{"method": "CD", "steps": 1, "nfe": 1, '
             '"fd": NaN, "rms": 0.1, "other_mode": 0.1}]}',
