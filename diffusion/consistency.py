@@ -22,7 +22,7 @@ Notation (code -> papers):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -279,7 +279,7 @@ def ct_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 @torch.no_grad()
 def consistency_sampling(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *,
                          generator: Generator = None, spacing: str | None = "trailing", noise: bool = True,
-                         clip: bool = True) -> Tensor:  # fmt: skip
+                         clip: bool = True, times: Sequence[int] | None = None) -> Tensor:  # fmt: skip
     """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x, t), then x = q_sample(x0, s) with fresh
     noise and again, down the timesteps; NFE = S. `model` is a ConsistencyModel (f as an eps-model).
 
@@ -289,7 +289,14 @@ def consistency_sampling(model: Model, x: Tensor, schedule: Schedule, timesteps:
             where x is pure noise (sample.py's default leading spacing starts lower: hence the default).
         noise: False re-noises deterministically with the predicted eps (DDIM, eta = 0): PCM's sampling between
             phase edges (use steps = phases).
+        times: the times visited, given (over `spacing`): Song et al. 2023 search the intermediate times of
+            multistep sampling; len(times) must be the step count (benchmarks/consistency_mixture.py reports them).
     """
+    if times is not None:
+        if len(times) != len(timesteps):
+            raise ValueError(f"sampler.times={list(times)} visits {len(times)} times but steps={len(timesteps)}: "
+                             f"give one time per step, T-1 = {schedule.T - 1} first")  # fmt: skip
+        timesteps, spacing = torch.as_tensor(list(times), dtype=torch.int64), None
     if spacing is not None:
         timesteps = samplers_timesteps(spacing, len(timesteps), schedule)
     steps, _ = _steps(schedule, timesteps)

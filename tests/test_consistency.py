@@ -305,6 +305,11 @@ def test_sampler_follows_the_contract_and_refuses_a_start_below_t_minus_1():
     assert calls == timesteps.trailing(4, T).tolist()  # the default spacing: trailing, whatever was passed
     with pytest.raises(ValueError, match="starts at t = T-1"):
         cm.consistency_sampling(model, x, SCHEDULE, timesteps.leading(2, T), spacing=None)
+    calls.clear()
+    cm.consistency_sampling(spy, x, SCHEDULE, torch.zeros(3), times=[99, 40, 7], clip=False)
+    assert calls == [99, 40, 7]  # given times (a search's) over the spacing
+    with pytest.raises(ValueError, match="visits 1 times but steps=2"):
+        cm.consistency_sampling(model, x, SCHEDULE, torch.zeros(2), times=[99])
     with pytest.raises(ValueError, match="sampler.spacing='sideways'"):
         cm.consistency_sampling(model, x, SCHEDULE, timesteps.leading(2, T), spacing="sideways")
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -381,6 +386,9 @@ def test_a_cd_run_writes_a_checkpoint_that_samples_through_sample_py(runs):
                      "sampler=consistency", f"steps={steps}"]  # fmt: skip
         images = sample(compose_config("sample", overrides, runs / f"sample_{steps}"))
         assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    overrides = [f"ckpt={runs / 'cd' / 'checkpoints' / 'last.ckpt'}", "logger=none", "n_samples=2", "batch_size=2",
+                 "sampler=consistency", "steps=2", "sampler.times=[999,342]"]  # fmt: skip
+    assert sample(compose_config("sample", overrides, runs / "sample_times")).shape == (2, 16, 16, 3)
 
 
 def test_a_cd_run_resumes(runs):
