@@ -209,7 +209,8 @@ def optimal_trajectory(steps: int, schedule: Schedule, gamma: Tensor, *, bound: 
     """The K = `steps` timesteps from T-1 down to 0 that minimise sum_k J(tau_{k-1}, tau_k), J the KL of one DDPM
     step with the clipped analytic variance (`cost_matrix`: Cov[x0 | x_t] non-decreasing in t), by dynamic
     programming (Bao et al. sec. 4): O(K T^2) in float64. The prior and decoder terms are fixed by the ends, as in
-    the official code. Descending int64."""
+    the official code. Descending int64. `bound`: Cov's data bound in the cost (`cov_bound`); 1, the paper's, by
+    default, also for unbounded data: on the cosine mixture the data variance there chose a worse trajectory."""
     T = schedule.T
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
