@@ -138,11 +138,13 @@ class ConsistencyModule(DiffusionModule):
         teacher: the frozen eps-model CD distils (the student starts from its weights); None for CT.
         method, N, k, solver, loss, mu, phases, grid: conf/experiment/cd.yaml documents them.
         s0, s1: CT's curriculum N from s0 to min(s1, T) intervals over the run's max_steps.
+        grid: the configs say karras; absent (a checkpoint written before the option) it is the uniform grid that
+            run was trained on, so it resumes unchanged.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, optimizer, *, teacher: nn.Module | None = None,
                  method: str = "cd", N: int = 50, k: int = 1, solver: str = "ddim", loss: str = "l2",
-                 mu: float = 0.95, phases: int = 1, s0: int = 10, s1: int = 1280, grid: str = "karras",
+                 mu: float = 0.95, phases: int = 1, s0: int = 10, s1: int = 1280, grid: str = "uniform",
                  **kwargs) -> None:  # fmt: skip
         options = dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1, grid=grid)
         check_options(options, schedule.T)

@@ -401,9 +401,15 @@ def test_a_cd_run_resumes(runs):
     overrides = ["trainer=cpu", "logger=csv", "data.num_workers=0", "trainer.enable_progress_bar=false",
                  "~callbacks.progress", "trainer.max_steps=6", f"resume={last}"]  # fmt: skip
     module = train(compose_config("train", overrides, runs / "resumed"))  # no experiment=: the checkpoint's config
-    assert module.global_step == 6 and module.method == "cd" and module.target is not None
+    assert module.global_step == 6 and module.method == "cd" and module.target is not None and module.grid == "karras"
     resumed = checkpoints.load(runs / "resumed" / "checkpoints" / "last.ckpt")
     assert resumed["config"]["run_id"] == checkpoints.load(last)["config"]["run_id"]
+    old = checkpoints.load(last)  # a run written before consistency.grid existed: it trained on the uniform grid
+    del old["config"]["consistency"]["grid"]
+    (runs / "old").mkdir()
+    torch.save(old, runs / "old" / "last.ckpt")
+    overrides = [*overrides[:-2], "trainer.max_steps=5", f"resume={runs / 'old' / 'last.ckpt'}"]
+    assert train(compose_config("train", overrides, runs / "resumed_old")).grid == "uniform"
 
 
 def test_ct_and_pcm_runs(runs):
