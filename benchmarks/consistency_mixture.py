@@ -1,7 +1,7 @@
 """Consistency models against the exact ODE on a known distribution: CD, CT and PCM students at 1, 2 and 4 steps
 next to DDIM, DPM-Solver++ and PNDM at 10 to 100 NFE.
 
-    python benchmarks/consistency_mixture.py [--iterations 3000] [--samples 5000] [--out benchmarks/results]
+    python benchmarks/consistency_mixture.py [--iterations 6000] [--samples 5000] [--out benchmarks/results]
 
 The data is quality_vs_steps.py's mixture of Gaussian images (3x8x8, 6 modes) on the linear schedule (T = 1000),
 whose exact noise predictor is the CD teacher: no teacher error, so what separates a student from the exact
@@ -186,7 +186,7 @@ def search_times(model, data, sched, steps: int, x_T: Tensor, seed: int) -> list
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=3000, help="Adam steps per student")
+    parser.add_argument("--iterations", type=int, default=6000, help="Adam steps per student")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--search-samples", type=int, default=1000, help="held-out x_T for the intermediate times")
     parser.add_argument("--out", default=str(qvs.RESULTS))
