@@ -181,30 +181,31 @@ class ConsistencyModel(nn.Module):
 
 
 # -------------------------------------------------------------------- distances and losses
-def distance(name: str, a: Tensor, b: Tensor) -> Tensor:
+Distance = Callable[[Tensor, Tensor], Tensor]  # (a, b) -> per-sample distance [B]
+
+
+def distance(loss: str | Distance, a: Tensor, b: Tensor) -> Tensor:
     """Per-sample distance [B]: "l2" the mean squared error (LCM), "pseudo_huber" sqrt(|a - b|^2 + c^2) - c with
-    c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, sec. 3.3)."""
+    c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, sec. 3.3), or a callable (a, b) -> [B] such as diffusion.lpips.LPIPS
+    (Song et al. 2023's CD on images; it needs weight files, so the caller builds it: ConsistencyModule)."""
+    if callable(loss):
+        return loss(a, b)
     diff = (a - b).flatten(1)
     diff = diff.float() if diff.element_size() < 4 else diff  # bf16 / fp16 outputs: the distance in fp32
-    if name == "l2":
+    if loss == "l2":
         return diff.pow(2).mean(1)
-    if name == "pseudo_huber":
+    if loss == "pseudo_huber":
         c = 0.00054 * diff.shape[1] ** 0.5
         return (diff.pow(2).sum(1) + c**2).sqrt() - c
-    if name == "lpips":
-        raise ValueError(
-            "loss=lpips is not built: LPIPS needs VGG and calibration weights that this project cannot download "
-            "or hash-check; use loss=pseudo_huber (Song & Dhariwal 2023 found it matches LPIPS) or loss=l2"
-        )
-    raise ValueError(f"unknown consistency loss {name!r}: choose l2 or pseudo_huber")
+    raise ValueError(f"unknown consistency loss {loss!r}: choose l2 or pseudo_huber, or pass a callable (LPIPS)")
 
 
-DISTANCES = ("l2", "pseudo_huber")
+DISTANCES = ("l2", "pseudo_huber", "lpips")  # lpips: diffusion.lpips.LPIPS, built by ConsistencyModule
 Consistency = Callable[[Tensor, Tensor, Tensor], Tensor]  # f(x, t, edge)
 
 
 def cd_loss(f: Consistency, f_target: Consistency, teacher: Model, schedule: Schedule, x0: Tensor, *, N: int,
-            k: int = 1, phases: int = 1, solver: str = "ddim", loss: str = "l2", grid: str = "karras",
+            k: int = 1, phases: int = 1, solver: str = "ddim", loss: str | Distance = "l2", grid: str = "karras",
             weighting: bool = False, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """Consistency distillation (Song et al. 2023, Alg. 2; PCM with phases > 1): n ~ U{0..N-k} on the `grid`
     discretization (make_grid), x_hi = q_sample(x0, t_{n+k}), x_lo = the teacher's `solver` step to t_n (not below
@@ -245,7 +246,7 @@ def lognormal_weights(ts: Tensor, schedule: Schedule, p_mean: float = -1.1, p_st
 
 
 def ct_loss(f: Consistency, f_target: Consistency, schedule: Schedule, x0: Tensor, *, N: int,
-            loss: str = "pseudo_huber", lognormal: bool = True, weighting: bool = True, grid: str = "karras",
+            loss: str | Distance = "pseudo_huber", lognormal: bool = True, weighting: bool = True, grid: str = "karras",
             generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """Consistency training (Song et al. 2023, Alg. 3): x_lo and x_hi from the same x0 and z at t_n and t_{n+1}, loss
     lambda d(f(x_hi, t_{n+1}), f_target(x_lo, t_n)); with Song & Dhariwal 2023's n ~ `lognormal_weights` and

@@ -40,11 +40,6 @@ def check_options(options: dict[str, Any], T: int) -> None:
     method = options.get("method")
     if method not in METHODS:
         raise UsageError(f"consistency.method={method!r}: use cd (distillation, needs teacher=) or ct (training)")
-    if options.get("loss") == "lpips":
-        try:
-            cm.distance("lpips", torch.zeros(1, 1), torch.zeros(1, 1))
-        except ValueError as error:
-            raise UsageError(str(error)) from None
     if options.get("loss") not in cm.DISTANCES:
         raise UsageError(f"consistency.loss={options.get('loss')!r}: choose one of {', '.join(cm.DISTANCES)}")
     if options.get("grid") not in cm.GRIDS:
@@ -64,6 +59,17 @@ def check_options(options: dict[str, Any], T: int) -> None:
     mu = options.get("mu")
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
         raise UsageError(f"consistency.mu={mu!r}: the target EMA rate must lie in [0, 1) (CD: 0.95; 0: no EMA)")
+
+
+def lpips_distance(model: nn.Module) -> nn.Module:
+    """LPIPS from the user's weight files (diffusion.lpips says where they go), for RGB images only."""
+    from .lpips import LPIPS  # torchvision's VGG16: imported only when asked for
+
+    channels = getattr(model, "in_channels", 3)
+    if channels != 3:
+        raise UsageError(f"consistency.loss=lpips compares RGB images (VGG16), the model has {channels} channels: "
+                         "use loss=pseudo_huber or l2")  # fmt: skip
+    return LPIPS.from_files()
 
 
 # ---------------------------------------------------------------- the teacher
@@ -158,11 +164,16 @@ class ConsistencyModule(DiffusionModule):
         # The target network theta^-: an EMA of rate mu for CD, saved with the run; CT's is the student itself.
         self.target = copy.deepcopy(model).eval().requires_grad_(False) if method == "cd" else None
         self._teacher = [teacher]  # in a list: not a submodule, so never in the checkpoint; moved in setup()
+        # LPIPS (Song et al.'s CD on images): frozen VGG16 weights the user supplies, loaded now so that a missing file
+        # stops the run before it trains; like the teacher, never in the checkpoint, never sharded, never averaged.
+        self._distance = [lpips_distance(model) if loss == "lpips" else loss]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self._teacher[0] is not None:
             self._teacher[0] = self._teacher[0].to(self.device)
+        if isinstance(self._distance[0], nn.Module):
+            self._distance[0] = self._distance[0].to(self.device)
 
     def curriculum(self) -> int:
         """N for this step: fixed for CD; the improved CT curriculum over max_steps, capped at T (cm.ct_steps)."""
@@ -174,11 +185,11 @@ class ConsistencyModule(DiffusionModule):
     def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         f = partial(cm.consistency, self.model, self.schedule)
         if self.method == "ct":
-            return cm.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self.loss_name, grid=self.grid,
+            return cm.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self._distance[0], grid=self.grid,
                               generator=generator)  # fmt: skip
         f_target = partial(cm.consistency, self.target, self.schedule)
         return cm.cd_loss(f, f_target, self._teacher[0], self.schedule, batch, N=self.N, k=self.k, phases=self.phases,
-                          solver=self.solver, loss=self.loss_name, grid=self.grid, generator=generator)  # fmt: skip
+                          solver=self.solver, loss=self._distance[0], grid=self.grid, generator=generator)  # fmt: skip
 
     def on_finite_step(self) -> None:
         super().on_finite_step()

@@ -112,3 +112,24 @@ def test_wrong_shapes_and_code_in_a_file_are_refused(vgg_file, tmp_path):
     with pytest.raises(UsageError, match="not a readable LPIPS weight file"):
         ours.LPIPS.from_files(vgg_file, planted)
     assert not marker.exists()
+
+
+def test_consistency_training_with_lpips_trains_the_student_and_keeps_vgg_out_of_the_checkpoint(vgg_file, monkeypatch):
+    from diffusion import schedule
+    from diffusion.consistency_module import ConsistencyModule
+    from diffusion.unet import UNet
+
+    load = ours.LPIPS.from_files.__func__
+    monkeypatch.setattr(ours.LPIPS, "from_files", classmethod(lambda cls: load(cls, vgg_file, size=None)))  # fast
+    unet = lambda c: UNet(in_channels=c, out_channels=c, resolution=16, ch=16, ch_mult=(1, 1), num_res_blocks=1,  # noqa: E731
+                          attn_resolutions=(), dropout=0.0, norm_groups=8)  # fmt: skip
+    module = ConsistencyModule(unet(3), schedule.linear(1000), torch.optim.Adam, method="ct", loss="lpips",
+                               grid="karras")  # fmt: skip
+    loss = module.training_loss(torch.rand(2, 3, 16, 16) * 2 - 1, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    assert not [k for k in module.state_dict() if "features" in k or "lins" in k]  # 59 MB of frozen VGG: not saved
+
+    with pytest.raises(UsageError, match="RGB images.*1 channels"):
+        ConsistencyModule(unet(1), schedule.linear(1000), torch.optim.Adam, method="ct", loss="lpips")
