@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import registry
 from .errors import UsageError
@@ -79,10 +80,12 @@ class Checkpoints(L.Callback):
         self._save_last(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # The state is sound after Ctrl-C or OOM: keep the work done since the last save. With several processes a
-        # save is a collective (every rank gathers), and the others may be stuck in an all-reduce: it would hang.
-        if isinstance(exception, KeyboardInterrupt | torch.cuda.OutOfMemoryError):
+        # The state is sound after Ctrl-C, SIGTERM (kill, a cluster's preemption: Lightning stops between steps) or
+        # OOM: keep the work done since the last save. With several processes a save is a collective (every rank
+        # gathers), and the others may be stuck in an all-reduce: it would hang.
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException | torch.cuda.OutOfMemoryError):
             if trainer.world_size == 1:
+                rank_zero_info(f"{type(exception).__name__}: saving step {trainer.global_step} to {self.last_path}")
                 self._save_last(trainer, pl_module)
             else:
                 rank_zero_info(f"not saving on {type(exception).__name__} with {trainer.world_size} processes "

@@ -110,6 +110,40 @@ def test_ctrl_c_saves_only_where_a_save_cannot_hang(tmp_path, world_size, saves)
     assert len(trainer.saved) == int(saves)
 
 
+def test_sigterm_saves_the_steps_since_the_last_checkpoint(tmp_path):
+    """kill / a cluster's preemption send SIGTERM: Lightning stops between steps and the run keeps its last steps."""
+    import itertools
+    import signal
+
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            return (torch.ones(2) for _ in itertools.count())
+
+    class Killed(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, mid-step
+            return self.w(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = checkpoints.Checkpoints(tmp_path, last_every_n_steps=4, keep_every_n_steps=0)
+    trainer = L.Trainer(max_steps=100, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        trainer.fit(Killed(), DataLoader(Endless(), batch_size=4))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6  # not 4: the periodic save
+
+
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     from .test_resume import dead_pid
 
