@@ -130,10 +130,15 @@ def test_readme_shows_the_main_commands():
     "script, overrides", readme_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v
 )
 def test_readme_commands_compose(script, overrides, tmp_path):
-    sweep = [o for o in overrides if "," in o.split("=", 1)[-1]]
+    sweep = [o for o in overrides if _is_sweep(o.split("=", 1)[-1])]
     for combination in _expand(overrides) if sweep else [overrides]:
         cfg = compose_config("train" if script == "train" else "sample", combination, tmp_path)
         assert cfg
+
+
+def _is_sweep(value: str) -> bool:
+    """`a,b` is a multirun sweep; `[a,b]` and `{k:a,l:b}` are one list / dict value (Hydra's grammar)."""
+    return "," in value and not value.startswith(("[", "{"))
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -141,7 +146,8 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     runs = [[]]
     for o in overrides:
         key, _, value = o.partition("=")
-        runs = [r + [f"{key}={v}"] for r in runs for v in value.split(",")]
+        values = value.split(",") if _is_sweep(value) else [value]
+        runs = [r + [f"{key}={v}"] for r in runs for v in values]
     return runs
 
 
