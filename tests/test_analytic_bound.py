@@ -15,6 +15,8 @@ from diffusion import analytic, analytic_cache, likelihood, timesteps
 from diffusion.mixture import GaussianMixture
 from diffusion.schedule import cosine, linear
 
+from .test_analytic import Scale  # eps = w x, counting calls
+
 S = torch.tensor([0.05, 0.3, 0.7, 1.6], dtype=torch.float64)  # per-coordinate std of N(MU, diag(S^2)) data
 MU = torch.tensor([0.2, -0.5, 0.0, 1.0], dtype=torch.float64)
 
@@ -70,18 +72,6 @@ def test_data_variance_is_the_per_coordinate_sample_variance():
     assert analytic.data_variance(x0[:1]) == math.inf  # one image: no spread known, no bound
     with pytest.raises(ValueError, match="at least one image"):
         analytic.data_variance(torch.zeros(0, 3))
-
-
-class Scale(torch.nn.Module):
-    """eps = w x, counting calls."""
-
-    def __init__(self, w: float) -> None:
-        super().__init__()
-        self.w, self.calls = torch.nn.Parameter(torch.tensor([w])), 0
-
-    def forward(self, x, t):
-        self.calls += 1
-        return self.w * x
 
 
 def _images(M=5):
