@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from . import timesteps
+from .analytic_cache import takes_gamma
 from .errors import UsageError
 from .generation import PRECISIONS
 
@@ -68,7 +69,7 @@ def check_options(cfg: Mapping, world_size: int = 1) -> None:
 def _analytic_problems(cfg: Mapping) -> list[str]:
     """Analytic-DPM: its trajectory needs its sampler, its Gamma needs training images (gamma_M of a dataset)."""
     try:
-        analytic = "gamma" in inspect.signature(instantiate(cfg.get("sampler")).func).parameters
+        analytic = takes_gamma(instantiate(cfg.get("sampler")))
     except Exception:  # no sampler, or one whose own problem _keyword_problems reports
         analytic = False
     problems = []
