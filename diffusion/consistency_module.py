@@ -159,7 +159,7 @@ class ConsistencyModule(DiffusionModule):
         if teacher is not None:
             model.load_state_dict(teacher.state_dict())  # the student starts as the teacher
         super().__init__(model, schedule, optimizer, **kwargs)
-        self.method, self.N, self.k, self.solver, self.loss_name = method, N, k, solver, loss
+        self.method, self.N, self.k, self.solver = method, N, k, solver
         self.mu, self.phases, self.s0, self.s1, self.grid = mu, phases, s0, s1, grid
         # The target network theta^-: an EMA of rate mu for CD, saved with the run; CT's is the student itself.
         self.target = copy.deepcopy(model).eval().requires_grad_(False) if method == "cd" else None
