@@ -60,6 +60,12 @@ def grid(N: int, T: int) -> Tensor:
     return torch.cat([torch.tensor([-1]), timesteps.trailing(N, T).flip(0)])
 
 
+def _log_ve(abar: Tensor) -> Tensor:
+    """log s, s = sigma / alpha = sqrt((1 - abar) / abar) the VE noise level (= -lambda, DPM-Solver's half log-SNR);
+    -inf at clean data (abar = 1)."""
+    return 0.5 * ((-abar).log1p() - abar.log())
+
+
 def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
     """Song et al. 2023's discretization [N + 1], ascending: -1 (clean data), then the timesteps nearest in log s to
     s_i = (s_min^(1/rho) + i / (N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho, i = 0 .. N-1 (Karras et al. 2022 eq. 5),
@@ -73,7 +79,7 @@ def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
         return torch.tensor([-1, T - 1])
     start = int(torch.nonzero(schedule.betas < 0.5).max())  # as timesteps.logsnr: below the cosine schedule's cliff
     abar = schedule.alphas_cumprod[: start + 1].cpu()
-    log_s = (0.5 * ((-abar).log1p() - abar.log())).numpy()  # increasing in t
+    log_s = _log_ve(abar).numpy()  # increasing in t
     i = np.arange(N)
     lo, hi = np.exp(log_s[0] / rho), np.exp(log_s[-1] / rho)
     s = (lo + i / (N - 1) * (hi - lo)) ** rho
@@ -129,10 +135,9 @@ def dpm_solver_step(model: Model, schedule: Schedule, x: Tensor, t: Tensor, s: T
     x0_t = _predict_x0(x, eps, _col(abar_t, x), False)
     u = _to(x0_t, eps, _col(abar_m, x))  # the first-order (DDIM) step to the midpoint
     x0_m = _predict_x0(u, model(u, m), _col(abar_m, x), False)
-    lam = lambda a: 0.5 * (a.log() - (-a).log1p())  # noqa: E731  (lambda = log alpha / sigma)
-    clean = s < 0
-    h = torch.where(clean, torch.ones_like(abar_t), lam(abar_s) - lam(abar_t))
-    r = torch.where(clean, torch.ones_like(abar_t), (lam(abar_m) - lam(abar_t)) / h)
+    clean = s < 0  # lambda = -log s: h = lambda_s - lambda_t
+    h = torch.where(clean, torch.ones_like(abar_t), _log_ve(abar_t) - _log_ve(abar_s))
+    r = torch.where(clean, torch.ones_like(abar_t), (_log_ve(abar_t) - _log_ve(abar_m)) / h)
     d = (1 - 1 / (2 * _col(r, x))) * x0_t + 1 / (2 * _col(r, x)) * x0_m
     d = torch.where(_col(clean, x).bool(), x0_t, d)
     return _to(d, (x - _col(abar_t, x) ** 0.5 * d) / (1 - _col(abar_t, x)) ** 0.5, _col(abar_s, x))
@@ -231,8 +236,7 @@ def cd_loss(f: Consistency, f_target: Consistency, teacher: Model, schedule: Sch
 
 def _ve_gap(schedule: Schedule, t_lo: Tensor, t_hi: Tensor) -> Tensor:
     """s(t_hi) - s(t_lo) [B], s = sigma / alpha the VE noise level (0 at clean data): iCT's lambda is its inverse."""
-    s = lambda t: ((1 - schedule.alpha_bar(t)) / schedule.alpha_bar(t)).sqrt()  # noqa: E731
-    return s(t_hi) - s(t_lo)
+    return _log_ve(schedule.alpha_bar(t_hi)).exp() - _log_ve(schedule.alpha_bar(t_lo)).exp()
 
 
 def lognormal_weights(ts: Tensor, schedule: Schedule, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
@@ -240,7 +244,7 @@ def lognormal_weights(ts: Tensor, schedule: Schedule, p_mean: float = -1.1, p_st
     P_std)) - erf((ln s_n - P_mean) / (sqrt 2 P_std)) normalised, with s = sigma / alpha the VE noise level (Song &
     Dhariwal 2023 sec. 3.5)."""
     abar = schedule.alpha_bar(ts.cpu()).cpu()
-    cdf = torch.erf((0.5 * ((1 - abar).log() - abar.log()) - p_mean) / (math.sqrt(2) * p_std))  # s_0 = 0: erf = -1
+    cdf = torch.erf((_log_ve(abar) - p_mean) / (math.sqrt(2) * p_std))  # s_0 = 0: erf = -1
     p = cdf[1:] - cdf[:-1]
     return p / p.sum()
 
