@@ -77,7 +77,7 @@ def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
         raise ValueError(f"the consistency grid needs 1 <= N <= T={T} intervals, got N={N}")
     if N == 1:
         return torch.tensor([-1, T - 1])
-    start = int(torch.nonzero(schedule.betas < 0.5).max())  # as timesteps.logsnr: below the cosine schedule's cliff
+    start = timesteps.noisiest_usable(schedule)  # as timesteps.logsnr: below the cosine schedule's cliff
     abar = schedule.alphas_cumprod[: start + 1].cpu()
     log_s = _log_ve(abar).numpy()  # increasing in t
     i = np.arange(N)
@@ -85,8 +85,7 @@ def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
     s = (lo + i / (N - 1) * (hi - lo)) ** rho
     ts = np.interp(np.log(s), log_s, np.arange(start + 1, dtype=np.float64)).round().astype(np.int64)
     ts[-1] = T - 1  # sampling starts from pure noise at T-1
-    ts = np.minimum(np.maximum.accumulate(ts - i) + i, T - N + i)  # repeats up; the top ones back down to T-1
-    return torch.cat([torch.tensor([-1]), torch.from_numpy(ts)])
+    return torch.cat([torch.tensor([-1]), torch.from_numpy(timesteps.spread_up(ts, T - 1))])
 
 
 GRIDS = {"karras": karras, "uniform": lambda N, schedule: grid(N, schedule.T)}

@@ -22,7 +22,7 @@ from .errors import UsageError
 from .schedule import Schedule
 
 __all__ = ["leading", "linspace", "even", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "GAMMA_SPACINGS",
-           "make", "check_start"]  # fmt: skip
+           "make", "check_start", "noisiest_usable", "spread_up"]  # fmt: skip
 
 
 # -------------------------------------------------------------------- the spacings
@@ -105,15 +105,25 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     """
     T = schedule.T
     _check(steps, T)
-    start = int(torch.nonzero(schedule.betas < 0.5).max())  # the noisiest timestep before any cliff
+    start = noisiest_usable(schedule)
     abar = schedule.alphas_cumprod[: start + 1].cpu()
     lam = (0.5 * (abar.log() - (-abar).log1p())).numpy()  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.interp(targets, lam[::-1], np.arange(start, -1, -1, dtype=np.float64)).round().astype(np.int64)
-    i = np.arange(steps)
-    ts = np.maximum.accumulate(np.sort(ts) - i) + i  # ascending; each repeat moved up to the next free integer,
-    ts = np.minimum(ts, max(start, steps - 1) - (steps - 1) + i)  # then the top ones back down to `start`
-    return _descending(ts)
+    return _descending(spread_up(ts, max(start, steps - 1)))
+
+
+def noisiest_usable(schedule: Schedule) -> int:
+    """The noisiest timestep before any cliff in beta (beta_t < 1/2): T-1 for the linear schedule, 996 for the cosine
+    one at T = 1000, whose clipped final betas send the log-SNR off a cliff (see `logsnr`)."""
+    return int(torch.nonzero(schedule.betas < 0.5).max())
+
+
+def spread_up(ts: np.ndarray, top: int) -> np.ndarray:
+    """Integer timesteps rounded from a grid, made distinct and ascending: each repeat moved up to the next free
+    integer, then the top ones back down so that the last is at most `top` (needs len(ts) <= top + 1)."""
+    i = np.arange(len(ts))
+    return np.minimum(np.maximum.accumulate(np.sort(ts) - i) + i, top - (len(ts) - 1) + i)
 
 
 SPACINGS = {"leading": leading, "linspace": linspace, "trailing": trailing, "quadratic": quadratic}
