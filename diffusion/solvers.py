@@ -6,7 +6,8 @@ and the other samplers, and re-exports these three):
 
     dpm_solver      DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), NFE = S
     dpm_solver_3m   DPM-Solver++(3M), the same multistep at third order, NFE = S
-    unipc           UniPC (Zhao et al. 2023): predictor UniP-p plus corrector UniC-p, B(h) = e^h - 1 ("bh2"), NFE = S
+    unipc           UniPC (Zhao et al. 2023): predictor UniP-p plus corrector UniC-p, B(h) = h ("bh1") or e^h - 1
+                    ("bh2"), NFE = S
 
 Each step goes from t to s (s = -1 after the last: clean data). The step onto clean data (lambda = inf) is first
 order for all three: it returns the last x0, the papers' lower-order final step onto t = 0 taken to its limit. The
@@ -21,7 +22,7 @@ Notation (code -> papers):
     m, x0            the data prediction x_theta(x_t, t) (DPM-Solver++ eq. 8; UniPC's model output m_t)
     D1_k             (m_k - m_0) / r_k, the divided differences of UniPC (DPM-Solver++ builds D1, D2 alike)
     phi_1            e^{-h} - 1: h phi_1(h) of the exponential integrator (UniPC eq. 5 with hh = -h)
-    B_h              B(h) = e^{-h} - 1 here (UniPC's "bh2" with data prediction: hh = -h)
+    B_h              B(h): -h for "bh1", e^{-h} - 1 for "bh2" (data prediction integrates in hh = -h)
     rho              UniPC's coefficients rho_p (predictor, eq. 7) and rho_c (corrector, eq. 8): R rho = b / B(h)
 """
 
@@ -128,14 +129,22 @@ def dpm_solver_3m(
 
 # -------------------------------------------------------------------- UniPC (Zhao et al. 2023)
 def _unipc_update(
-    x: Tensor, history: History, lam_s: float, abar_t: float, abar_s: float, order: int, m_s: Tensor | None = None
+    x: Tensor,
+    history: History,
+    lam_s: float,
+    abar_t: float,
+    abar_s: float,
+    order: int,
+    variant: str,
+    m_s: Tensor | None = None,
 ) -> Tensor:
     """x_s from x_t by UniP-`order` (m_s None: eq. 7) or UniC-`order` (m_s, the x0 taken at the predicted x_s:
-    eq. 8), B(h) = e^{-h} - 1 ("bh2"), from the newest `order` points of `history` (the newest is t)."""
+    eq. 8) with B(h) of `variant`, from the newest `order` points of `history` (the newest is t)."""
     lam_0, m_0 = history[-1]
     h = lam_s - lam_0
     hh = -h  # data prediction integrates in -lambda
-    phi_1 = B_h = math.expm1(hh)
+    phi_1 = math.expm1(hh)
+    B_h = hh if variant == "bh1" else phi_1  # any B(h) = O(h) keeps the order (the paper's Theorem 3.1)
     # b_k = k! phi_{k+1}(hh) / B(h), k = 1..order, with phi's recursion phi_{k+1} = (phi_k - 1/k!) / hh (eq. 5)
     b, phi_k, factorial = [], phi_1 / hh - 1, 1
     for k in range(1, order + 1):
@@ -173,10 +182,13 @@ def unipc(
     *,
     generator: Generator = None,
     order: int = 3,
+    variant: str = "bh2",
     clip: bool = False,
 ) -> Tensor:
-    """UniPC-`order` (Zhao et al. 2023, Algorithm 3 with B(h) = e^h - 1, "bh2"; data prediction): a multistep
-    predictor UniP, then the corrector UniC, which re-uses the model call at the predicted point, so NFE = S.
+    """UniPC-`order` (Zhao et al. 2023, Algorithm 3; data prediction): a multistep predictor UniP, then the corrector
+    UniC, which re-uses the model call at the predicted point, so NFE = S. `variant` picks B(h): "bh1", B(h) = h
+    (the official code's default; the paper finds it better for unconditional sampling at few steps), or "bh2",
+    B(h) = e^h - 1 (diffusers' default; the paper's choice for guided sampling).
 
     Orders rise from 1 as the history fills and fall again towards the end (min(order, i + 1, S - i) at step i, as
     the official code and diffusers); the step onto clean data is first order and returns the model's x0 taken at
@@ -187,6 +199,8 @@ def unipc(
         raise ValueError(
             f"order must be 1, 2 or 3 (UniPC-p: a predictor of order p, p + 1 with its corrector), got {order!r}"
         )
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' (B(h) = h) or 'bh2' (B(h) = e^h - 1), got {variant!r}")
     steps, _ = _steps(schedule, timesteps)
     history: History = []
     x_prev, abar_prev, p = x, 0.0, 1  # the last step's start and order, for its corrector
@@ -196,9 +210,9 @@ def unipc(
             return m
         lam_t = _lam(abar_t)
         if history:  # UniC: correct the last prediction with the model call just taken there (its x0 stays m)
-            x = _unipc_update(x_prev, history, lam_t, abar_prev, abar_t, p, m_s=m)
+            x = _unipc_update(x_prev, history, lam_t, abar_prev, abar_t, p, variant, m_s=m)
         history = [*history[len(history) + 1 - order :], (lam_t, m)]
         p = min(order, i + 1, len(steps) - i)
         x_prev, abar_prev = x, abar_t
-        x = _unipc_update(x, history, _lam(abar_s), abar_t, abar_s, p)
+        x = _unipc_update(x, history, _lam(abar_s), abar_t, abar_s, p, variant)
     return x
