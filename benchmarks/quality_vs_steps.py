@@ -104,6 +104,8 @@ ROWS = (
     Row("dpm_solver++(3M)", samplers.dpm_solver_3m, "logsnr"),
     Row("unipc order 2", samplers.unipc, "logsnr", {"order": 2}),
     Row("unipc order 3", samplers.unipc, "logsnr", {"order": 3}),
+    Row("unipc order 2, bh1", samplers.unipc, "logsnr", {"order": 2, "variant": "bh1"}),
+    Row("unipc order 3, bh1", samplers.unipc, "logsnr", {"order": 3, "variant": "bh1"}),
 )
 
 
