@@ -8,6 +8,11 @@ import os
 # 60x slower on a busy 2-core machine. Set before numpy is first imported, as conftest is loaded before test files.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import runpy  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -76,3 +81,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def entry_point(monkeypatch):
+    """`python SCRIPT ARGS...` run in this process: entry_point("train.py", "schedule=x") -> (exit code, stderr).
+
+    Each new process would spend ~17 s importing Lightning; here the script runs from its file as `__main__`, as the
+    interpreter runs it (Hydra finds conf/ beside it), with the command line in sys.argv. One real process per entry
+    point still proves the path end to end (tests/test_train.py, tests/test_outputs.py). Hydra's job logging (a file
+    handler in the run folder) is undone, so later tests do not write into this one's folder."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.chdir(ROOT)
+
+    def run(script: str, *args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        root, stderr = logging.getLogger(), io.StringIO()
+        handlers, level = root.handlers[:], root.level
+        try:
+            with contextlib.redirect_stderr(stderr):
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        finally:
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:], root.level = handlers, level
+        return code, stderr.getvalue()
+
+    return run

@@ -36,11 +36,6 @@ def draw(tmp: Path, ckpt: Path, *overrides: str) -> np.ndarray:
     return sample(cfg)
 
 
-def script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_writes_an_npz_and_a_grid(sampler, ckpt, tmp_path):
     small = ["gamma_M=2"] if sampler.startswith("analytic") else []  # Gamma from 2 images: T x 2 network calls
@@ -159,19 +154,19 @@ def test_a_folder_with_samples_is_refused_and_overwrite_removes_them_first(ckpt,
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000.png", "000001.png"]  # no stale PNGs
 
 
-def test_a_bad_checkpoint_is_one_line(tmp_path):
-    """One process for the path from the command line to the message; the kinds of bad file (missing, corrupt,
-    foreign, pickled code) are told apart by checkpoints.load: tests/test_training.py."""
+def test_a_bad_checkpoint_is_one_line(tmp_path, entry_point):
+    """The path from the command line to the message (in this process; a real one: tests/test_outputs.py); the kinds
+    of bad file (missing, corrupt, foreign, pickled code) are told apart by checkpoints.load: tests/test_training.py."""
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
-    result = script("sample.py", f"ckpt={tmp_path / 'corrupt.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}")
-    assert result.returncode == 1 and "cannot read" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    code, stderr = entry_point("sample.py", f"ckpt={tmp_path / 'corrupt.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert code == 1 and "cannot read" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
-def test_unknown_sampler_lists_the_choices(tmp_path):
-    result = script("sample.py", "sampler=euler", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert all(name in result.stderr for name in SAMPLERS), result.stderr
+def test_unknown_sampler_lists_the_choices(tmp_path, entry_point):
+    code, stderr = entry_point("sample.py", "sampler=euler", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and "Traceback" not in stderr
+    assert all(name in stderr for name in SAMPLERS), stderr
 
 
 def test_sample_without_ckpt_takes_the_newest_checkpoint(ckpt, tmp_path, monkeypatch):
