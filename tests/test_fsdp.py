@@ -44,11 +44,13 @@ FOUR_STEPS = [
 ]
 
 
-def train_script(run_dir: Path, *overrides: str, timeout: float = 300) -> None:
-    """python train.py in its own process group; on a hang (a collective one rank never joins) kill all of it."""
+def train_script(run_dir: Path, *overrides: str, sweep: bool = False, timeout: float = 300) -> None:
+    """python train.py in its own process group; on a hang (a collective one rank never joins) kill all of it.
+    With `sweep`, a multirun (`-m`) whose jobs get folders under `run_dir`."""
     # The fault handler: a rank that dies in C++ (no Python traceback) still says where.
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONFAULTHANDLER": "1"}
-    cmd = [sys.executable, "train.py", *FOUR_STEPS, *overrides, f"hydra.run.dir={run_dir}"]
+    where = ["-m", f"hydra.sweep.dir={run_dir}"] if sweep else [f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "train.py", *where, *FOUR_STEPS, *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -89,7 +91,11 @@ def test_sharded_run_checkpoints_whole_weights_resumes_and_matches_ddp(tmp_path)
     DDP all-reduces whole gradients, FSDP reduce-scatters shards and computes the clipping norm across them, so
     equal losses, gradient norms and weights mean the sharded step is the data-parallel step. The resumed runs match
     only if every rank got its own random state back (rank 1 drawing rank 0's t and noise would change the step);
-    the one validation image shared by two ranks checks that validation cannot stall a multi-process run."""
+    the one validation image shared by two ranks checks that validation cannot stall a multi-process run.
+
+    The two resumes are one Hydra multirun (`-m trainer=cpu_fsdp,cpu_ddp`, a process start fewer), which also checks
+    that a sweep of multi-process jobs gives one folder and one logger per job: each job's DDP worker re-runs that
+    job alone (diffusion.launch), not the whole sweep."""
     straight = tmp_path / "fsdp"
     train_script(straight, "trainer=cpu_fsdp")
     ckpt = checkpoints.load(straight / "checkpoints" / "last.ckpt")
@@ -114,10 +120,17 @@ def test_sharded_run_checkpoints_whole_weights_resumes_and_matches_ddp(tmp_path)
     rng = checkpoints.load(kept)["rng_states"]["cpu"]
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own state, restored by each rank
     assert len(metrics(straight, "val/loss")) == 2  # validated at steps 2 and 4 with one image for two ranks
-    train_script(tmp_path / "resumed", "trainer=cpu_fsdp", f"resume={kept}")
-    assert_same_steps(straight, tmp_path / "resumed", [3, 4], rtol=1e-5)
-    train_script(tmp_path / "ddp", "trainer=cpu_ddp", f"resume={kept}")
-    assert_same_steps(straight, tmp_path / "ddp", [3, 4], rtol=1e-4)
+    sweep = tmp_path / "resumed"
+    train_script(sweep, "trainer=cpu_fsdp,cpu_ddp", f"resume={kept}", sweep=True, timeout=600)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"], jobs  # one folder per job, none from a worker's own sweep
+    for job, strategy in zip(jobs, ("FSDP", "ddp"), strict=True):
+        trainer = checkpoints.load(job / "checkpoints" / "last.ckpt")["config"]["trainer"]
+        assert strategy in str(trainer["strategy"]), trainer  # job 0 resumed sharded, job 1 under DDP
+        assert len(list(job.glob("csv/version_*"))) == 1  # one logger, not one per process
+    assert_same_steps(straight, jobs[0], [3, 4], rtol=1e-5)
+    assert_same_steps(straight, jobs[1], [3, 4], rtol=1e-4)
+    assert not (ROOT / "multirun").exists() or not any((ROOT / "multirun").rglob(tmp_path.name))
 
 
 # ---------------------------------------------------------------- one process

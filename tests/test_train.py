@@ -1,5 +1,5 @@
 """End to end: train(cfg) on tiny synthetic data writes checkpoints, samples and logs, resumes exactly,
-runs under DDP on two CPU processes, and turns bad input into one clear line."""
+and turns bad input into one clear line. Two processes (DDP, FSDP, a multirun of them): tests/test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -129,30 +129,7 @@ def test_fid_is_off_by_default(tmp_path):
     assert "val/fid" not in next(tmp_path.glob("csv/version_*/metrics.csv")).read_text()
 
 
-# ---------------------------------------------------------------- processes: DDP, multirun, bad input
-
-
-@pytest.mark.slow
-def test_multirun_with_ddp_gives_one_directory_per_run(tmp_path):
-    tiny = [o for o in TINY_RUN if not o.startswith("~")] + ["~callbacks.progress"]
-    result = script(
-        "train.py",
-        "-m",
-        "schedule=linear,cosine",
-        *tiny,
-        "trainer=cpu_ddp",
-        "trainer.max_steps=3",
-        f"hydra.sweep.dir={tmp_path}",
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
-    assert [p.name.split("-")[0] for p in runs] == ["0", "1"], runs
-    for run_dir in runs:
-        ckpt = checkpoints.load(run_dir / "checkpoints" / "last.ckpt")
-        assert ckpt["global_step"] == 3
-        assert len(list(run_dir.glob("csv/version_*"))) == 1  # one logger, not one per process
-    assert not (ROOT / "multirun").exists() or not any((ROOT / "multirun").rglob(str(tmp_path.name)))
+# ---------------------------------------------------------------- bad input (multirun under DDP: tests/test_fsdp.py)
 
 
 def test_unknown_option_is_one_clear_line(tmp_path, entry_point):
