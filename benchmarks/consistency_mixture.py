@@ -237,18 +237,19 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "consistency_mixture.md").write_text(text)
-    (out / "consistency_mixture.json").write_text(json.dumps(as_json(rows, floor, n), indent=1) + "\n")
+    (out / "consistency_mixture.json").write_text(json.dumps(as_json(rows, floor, n, args.seed), indent=1) + "\n")
     plot(out / "consistency_mixture.png", rows, floor)
     return {"rows": rows, "floor": floor, "seconds": seconds, "times": chosen}
 
 
-def as_json(rows: dict, floor, n: int) -> dict:
-    """The table for quality_vs_steps.py: one entry per method and step count, other_mode as a fraction."""
+def as_json(rows: dict, floor, n: int, seed: int) -> dict:
+    """The table for quality_vs_steps.py: one entry per method and step count, other_mode as a fraction; `seed` the
+    mixture's (quality_vs_steps shows a run on another mixture's seed nowhere)."""
     out = [{"method": name, "steps": s, "nfe": int(nfe), "fd": m["fd"], "rms": m["rms"], "other_mode": m["other"]}
            for name, cells in rows.items() for s, (nfe, m) in sorted(cells.items())]  # fmt: skip
     out.append({"method": "noise floor: exact samples", "steps": 0, "nfe": 0, "fd": floor[0][0], "rms": 0.0,
                 "other_mode": 0.0})  # fmt: skip
-    return {"schedule": "linear", "shape": [3, 8, 8], "samples": n, "rows": out}
+    return {"schedule": "linear", "shape": [3, 8, 8], "samples": n, "seed": seed, "rows": out}
 
 
 def report(rows: dict, floor, seconds: dict, args, data, chosen: dict, steps: dict) -> str:

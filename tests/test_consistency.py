@@ -4,6 +4,7 @@ solution map on a Gaussian mixture), the target EMA and the curriculum, PCM with
 from __future__ import annotations
 
 import copy
+import json
 import math
 from functools import partial
 
@@ -335,6 +336,35 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="phases"):
         cm.phase_edges(T + 1, T)
     assert cosine(T).T == T
+
+
+# ---------------------------------------------------------------- benchmarks/consistency_mixture.py
+
+
+def test_the_benchmarks_time_search_leaves_a_time_below_each_choice(monkeypatch):
+    from benchmarks import consistency_mixture as bench
+
+    class Lowest:  # every candidate's "samples" are its own time; the lowest scores best
+        frechet = staticmethod(float)
+
+    monkeypatch.setattr(bench, "sample", lambda model, x_T, sched, times, seed: torch.tensor(times[-1]))
+    sched, grid = linear(1000), cm.karras(18, linear(1000))[1:-1].tolist()
+    for steps in (1, 2, 3, 4):  # greedy on the lowest, the old search took grid[0] at once and had nothing below
+        assert bench.search_times(None, Lowest(), sched, steps, None, 0) == [999, *grid[: steps - 1][::-1]]
+
+
+def test_the_benchmarks_json_names_its_mixture_seed_and_refuses_zero_steps(tmp_path, capsys):
+    from benchmarks import consistency_mixture as bench
+    from benchmarks.quality_vs_steps import image_mixture, read_students
+
+    cell = {"fd": 1.0, "rms": 0.5, "other": 0.25}
+    doc = bench.as_json({"CD": {1: (1, cell)}}, ((0.05, 0.01), None), 100, seed=1)
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    assert read_students(tmp_path / "c.json", linear(1000), image_mixture(seed=1), seed=1)[0][0]["other_mode"] == 0.25
+    assert read_students(tmp_path / "c.json", linear(1000), image_mixture(), seed=0)[0] == []  # another mixture
+    with pytest.raises(SystemExit):
+        bench.main(["--iterations", "0"])
+    assert "--iterations 0: a student needs at least 1 Adam step" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- train.py and sample.py
