@@ -12,6 +12,9 @@ CONF = ROOT / "conf"
 # The tests' matrices are small (the mixture's 192 x 192 covariances): BLAS threads only add synchronisation, up to
 # 60x slower on a busy 2-core machine. Set before numpy is first imported, as conftest is loaded before test files.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The same for torch's own threads, in this process and in every one it starts (DDP workers, torchrun ranks): a forward
+# of the tiny UNet takes 7 ms of CPU on one thread, and 50-60 ms on two when another job shares the machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # With PYTHONDONTWRITEBYTECODE=1 (set on some machines to keep __pycache__ folders out of trees) every process the
 # tests start compiles torch, Lightning and their imports from source: ~20 s of CPU a start instead of ~8. The suite
