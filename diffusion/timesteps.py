@@ -22,7 +22,7 @@ from .errors import UsageError
 from .schedule import Schedule
 
 __all__ = ["leading", "linspace", "even", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "GAMMA_SPACINGS",
-           "make", "check_start", "noisiest_usable", "spread_up"]  # fmt: skip
+           "make", "check_start", "noisiest_usable", "spread_up", "half_log_snr", "LAMBDA_MIN"]  # fmt: skip
 
 
 # -------------------------------------------------------------------- the spacings
@@ -96,9 +96,8 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
 
     Each lambda is mapped to the nearest integer timestep (linear interpolation of lambda over t, rounded); where
     several round to the same t (either end, at many steps), they are spread to the nearest free integers.
-    The grid starts at the noisiest t whose beta_t is below 1/2: T-1 for the linear schedule, 996 of the cosine
-    schedule at T = 1000, whose final betas (clipped at 0.999) send lambda off a cliff (-6.5 to -9.9 in one
-    step). The paper stops the cosine schedule short for the same reason (t_T = 0.9946); starting at T-1 would
+    The grid starts at `noisiest_usable`: T-1 for the linear schedule, 995 of the cosine schedule at T = 1000, whose
+    final betas (clipped at 0.999) send lambda off a cliff (-5.4 to -9.9 in three steps). Starting at T-1 would
     spend the first steps of a 10-step grid at 999, 998, 997, 994 and triple DPM-Solver's error there. Repeats at
     the top are spread downwards, so the grid starts there for every S up to start + 1 (it was lifted back to 999
     from S = 53 on the cosine schedule, where PNDM at 100 steps sent 1.9% of the mixture to another mode, 0% at 50).
@@ -106,17 +105,32 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     T = schedule.T
     _check(steps, T)
     start = noisiest_usable(schedule)
-    abar = schedule.alphas_cumprod[: start + 1].cpu()
-    lam = (0.5 * (abar.log() - (-abar).log1p())).numpy()  # decreasing in t
+    lam = half_log_snr(schedule.alphas_cumprod[: start + 1].cpu()).numpy()  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.interp(targets, lam[::-1], np.arange(start, -1, -1, dtype=np.float64)).round().astype(np.int64)
     return _descending(spread_up(ts, max(start, steps - 1)))
 
 
+def half_log_snr(abar: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2, accurate where abar is near 0 or 1."""
+    return 0.5 * (abar.log() - (-abar).log1p())
+
+
+# The official DPM-Solver code (and UniPC's, built on it) drops a discrete schedule's timesteps whose lambda is below
+# this (NoiseScheduleVP.numerical_clip_alpha: "very useful for ... the cosine schedule").
+LAMBDA_MIN = -5.1
+
+
 def noisiest_usable(schedule: Schedule) -> int:
-    """The noisiest timestep before any cliff in beta (beta_t < 1/2): T-1 for the linear schedule, 996 for the cosine
-    one at T = 1000, whose clipped final betas send the log-SNR off a cliff (see `logsnr`)."""
-    return int(torch.nonzero(schedule.betas < 0.5).max())
+    """The noisiest timestep whose lambda is at least LAMBDA_MIN = -5.1, where the official DPM-Solver code cuts
+    discrete schedules: T-1 for the linear schedule (lambda -5.07), 995 for the cosine one at T = 1000 (996-999 fall
+    to -5.4, -5.8, -6.5, -9.9: the clipped betas' cliff; the paper stops the continuous cosine schedule at lambda -4.8,
+    t = 0.9946, for the same reason), 48 of 50 for the cosine one at T = 50, whose betas climb gradually to the clip.
+    A rule on beta (< 1/2) found 996 at T = 1000 but 46 of 50, where sqrt(abar) = 0.09 still holds signal, and
+    check_start refused logsnr itself there for 40 of the 50 step counts. At most -5.1 means sqrt(abar) <= 0.006:
+    pure noise for check_start whatever the schedule."""
+    usable = torch.nonzero(half_log_snr(schedule.alphas_cumprod.double()) >= LAMBDA_MIN)
+    return int(usable.max()) if len(usable) else 0
 
 
 def spread_up(ts: np.ndarray, top: int) -> np.ndarray:

@@ -43,8 +43,9 @@ def first_step(name: str, S: int, T: int, sched: schedule.Schedule | None = None
         return T - 1 if S == 1 else T - -(-T // S)  # T - ceil(T / S): one stride of c = T / S below T
     if name == "quadratic":
         return max(4 * T // 5, S - 1)  # floor(0.8 T), lifted when repeats are moved up
-    if name == "logsnr":
-        return max(int((sched.betas < 0.5).nonzero().max()), S - 1)
+    if name == "logsnr":  # the noisiest t with lambda >= -5.1 (the official DPM-Solver code's cut), in numpy
+        abar = sched.alphas_cumprod.numpy()
+        return max(int(np.flatnonzero(np.log(abar / (1 - abar)) / 2 >= -5.1)[-1]), S - 1)
     return T - 1  # linspace, trailing
 
 
@@ -75,8 +76,14 @@ def test_every_spacing_has_S_distinct_descending_steps_for_every_S(name, T):
         assert up[0] == floors[0] and (up >= floors).all() and (up[1:][moved] == up[:-1][moved] + 1).all(), S
 
 
-@pytest.mark.parametrize("sched", [schedule.linear(1000), schedule.cosine(1000)], ids=str)
+LOGSNR_SCHEDULES = [schedule.linear(1000), schedule.cosine(1000), schedule.cosine(50), schedule.cosine(100),
+                    schedule.linear(50), schedule.cosine(4000)]  # fmt: skip
+
+
+@pytest.mark.parametrize("sched", LOGSNR_SCHEDULES, ids=str)
 def test_logsnr_has_S_distinct_descending_steps_for_every_S(sched):
+    """Never refused by check_start: a rule on beta (< 1/2) started the cosine schedule at T = 50 at t = 46, still
+    signal (sqrt(abar) = 0.09), and logsnr refused itself for 40 of the 50 step counts."""
     for S in range(1, sched.T + 1):
         ts = timesteps.logsnr(S, sched)
         a = assert_valid(ts, S, sched.T, S)
@@ -109,8 +116,7 @@ def test_uniform_spacings_match_the_papers():
 @pytest.mark.parametrize("sched", [schedule.linear(1000), schedule.cosine(1000)], ids=str)
 def test_logsnr_is_uniform_in_log_snr_from_the_first_to_the_last_timestep(sched):
     ts = timesteps.logsnr(8, sched)
-    first = int((sched.betas < 0.5).nonzero().max())  # T-1 for linear; below the cosine's clipped tail
-    assert ts[0] == first and ts[-1] == 0
+    assert ts[0] == first_step("logsnr", 8, sched.T, sched) and ts[-1] == 0  # T-1 for linear; 995 for cosine
     lam = _lam(sched, ts)
     target = torch.linspace(float(lam[0]), float(lam[-1]), 8, dtype=torch.float64)
     # rounding t to an integer moves lambda by at most half the local slope |d lambda / dt|
@@ -119,11 +125,13 @@ def test_logsnr_is_uniform_in_log_snr_from_the_first_to_the_last_timestep(sched)
 
 
 def test_logsnr_starts_below_the_cosine_schedules_cliff():
-    """The cosine schedule's last betas (0.56, 0.75, 0.999) drop lambda by 3.5 in one step: the grid starts
-    before them (the paper's t_T = 0.9946 for the same schedule), so a 10-step grid has no wasted steps there."""
+    """The cosine schedule's last betas (0.56, 0.75, 0.999) drop lambda from -5.4 to -9.9 in three steps: the grid
+    starts before them, at the official DPM-Solver code's cut (lambda >= -5.1), so a 10-step grid has no wasted
+    steps there; the linear schedule (lambda -5.07 at T-1) starts at T-1."""
     assert timesteps.logsnr(10, schedule.linear(1000))[0] == 999
     ts = timesteps.logsnr(10, schedule.cosine(1000)).tolist()
-    assert ts[0] == 996 and ts[1] < 990
+    assert ts[0] == 995 and ts[1] < 990
+    assert timesteps.logsnr(10, schedule.cosine(50))[0] == 48  # sqrt(abar) 0.031: pure noise for check_start
 
 
 def test_logsnr_spreads_repeats_to_free_integers():
@@ -131,8 +139,8 @@ def test_logsnr_spreads_repeats_to_free_integers():
     ts = timesteps.logsnr(200, sched)  # the low-noise end is dense in lambda: many targets round to t < 10
     assert ts[-10:].tolist() == list(range(9, -1, -1))
     assert timesteps.logsnr(1000, sched).tolist() == list(range(999, -1, -1))
-    cosine = schedule.cosine(1000)  # repeats at the top are spread downwards: the grid still starts at 996
-    assert timesteps.logsnr(100, cosine)[:3].tolist() == [996, 995, 994]
+    cosine = schedule.cosine(1000)  # repeats at the top are spread downwards: the grid still starts at 995
+    assert timesteps.logsnr(100, cosine)[:3].tolist() == [995, 994, 993]
     assert timesteps.logsnr(999, cosine).tolist() == list(range(998, -1, -1))
 
 
