@@ -160,13 +160,11 @@ def measure(samples: Tensor, endpoint: Tensor, data) -> dict:
 # batch 512: 0.38 / 0.152 / 3.5%, 0.170 (the mode choice, 1.45x the time: the per-step overhead is shared); mu = 0
 # (iCT's target, the student without gradients: the chain of 18 intervals propagates each step, not over ~20):
 # 0.83 / 0.176 / 5.1%, 0.157; N = 40: 0.55 / 0.187 / 5.8%, 0.45 (slower propagation). CD gets the most steps: it
-# is the student the goals are set for, and 3000 -> 6000 improved every cell. Batch 512 and mu = 0 were combined
-# untested: the seed-0 table's CD has the best 1-step paired measures yet (0.120 / 1.6%) but the wrong spread
-# (2-step FD 0.805), and together on seed 1 they give 0.75 / 0.159 / 3.6%, 0.438: the next run should be batch 512
-# with mu = 0.95 (see the README).
+# is the student the goals are set for, and 3000 -> 6000 improved every cell. Batch 512 and mu = 0 together spoil the
+# spread (seed 1: 0.75 / 0.159 / 3.6%, 0.438; seed 0's table with them: 2-step FD 0.805): batch 512 keeps mu = 0.95.
 STUDENTS = {
-    "CD (Karras N=18, DPM-Solver++(2S) teacher, L2 / (s_hi - s_lo), mu=0, batch 512, from scratch)": (
-        "cd", 12000, {"from_teacher": False, "weighting": True, "mu": 0.0, "batch": 512}),
+    "CD (Karras N=18, DPM-Solver++(2S) teacher, L2 / (s_hi - s_lo), mu=0.95, batch 512, from scratch)": (
+        "cd", 12000, {"from_teacher": False, "weighting": True, "batch": 512}),
     "PCM (M=2 phases, mu=0.95, batch 256, else as CD)": (
         "pcm", 6000, {"phases": 2, "from_teacher": False, "weighting": True}),
     "CT (pseudo-Huber, Karras N curriculum 10..1000, lognormal, no EMA)": ("ct", 6000, {}),
