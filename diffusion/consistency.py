@@ -69,7 +69,7 @@ def _log_ve(abar: Tensor) -> Tensor:
 def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
     """Song et al. 2023's discretization [N + 1], ascending: -1 (clean data), then the timesteps nearest in log s to
     s_i = (s_min^(1/rho) + i / (N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho, i = 0 .. N-1 (Karras et al. 2022 eq. 5),
-    s_t = sigma_t / alpha_t the VE noise level, s_min = s_0, s_max = s_{T-1} (below a cliff in beta, as
+    s_t = sigma_t / alpha_t the VE noise level, s_min = s_0, s_max at timesteps.noisiest_usable (lambda >= -5.1, as
     timesteps.logsnr: the last point still T-1); repeats move up to the next free
     timestep (N = T: every timestep). Dense near the data, where the last step onto it must keep the spread."""
     T = schedule.T
@@ -77,7 +77,7 @@ def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
         raise ValueError(f"the consistency grid needs 1 <= N <= T={T} intervals, got N={N}")
     if N == 1:
         return torch.tensor([-1, T - 1])
-    start = timesteps.noisiest_usable(schedule)  # as timesteps.logsnr: below the cosine schedule's cliff
+    start = timesteps.noisiest_usable(schedule)  # as timesteps.logsnr: before the cosine schedule's cliff
     abar = schedule.alphas_cumprod[: start + 1].cpu()
     log_s = _log_ve(abar).numpy()  # increasing in t
     i = np.arange(N)
