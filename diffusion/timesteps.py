@@ -104,6 +104,8 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     """
     T = schedule.T
     _check(steps, T)
+    if steps == 1:  # no interval to spread in lambda: one step starts where every one-step spacing does, at T-1
+        return _descending(np.array([T - 1]))
     start = noisiest_usable(schedule)
     lam = half_log_snr(schedule.alphas_cumprod[: start + 1].cpu()).numpy()  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], steps)
@@ -127,8 +129,8 @@ def noisiest_usable(schedule: Schedule) -> int:
     to -5.4, -5.8, -6.5, -9.9: the clipped betas' cliff; the paper stops the continuous cosine schedule at lambda -4.8,
     t = 0.9946, for the same reason), 48 of 50 for the cosine one at T = 50, whose betas climb gradually to the clip.
     A rule on beta (< 1/2) found 996 at T = 1000 but 46 of 50, where sqrt(abar) = 0.09 still holds signal, and
-    check_start refused logsnr itself there for 40 of the 50 step counts. At most -5.1 means sqrt(abar) <= 0.006:
-    pure noise for check_start whatever the schedule."""
+    check_start refused logsnr itself there for 40 of the 50 step counts. Every timestep above the start has
+    lambda < -5.1 (sqrt(abar) < 0.006): the grid skips only pure noise."""
     usable = torch.nonzero(half_log_snr(schedule.alphas_cumprod.double()) >= LAMBDA_MIN)
     return int(usable.max()) if len(usable) else 0
 

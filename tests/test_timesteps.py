@@ -44,6 +44,8 @@ def first_step(name: str, S: int, T: int, sched: schedule.Schedule | None = None
     if name == "quadratic":
         return max(4 * T // 5, S - 1)  # floor(0.8 T), lifted when repeats are moved up
     if name == "logsnr":  # the noisiest t with lambda >= -5.1 (the official DPM-Solver code's cut), in numpy
+        if S == 1:  # one step: no grid to spread, T-1 as every spacing
+            return T - 1
         abar = sched.alphas_cumprod.numpy()
         return max(int(np.flatnonzero(np.log(abar / (1 - abar)) / 2 >= -5.1)[-1]), S - 1)
     return T - 1  # linspace, trailing
@@ -77,7 +79,8 @@ def test_every_spacing_has_S_distinct_descending_steps_for_every_S(name, T):
 
 
 LOGSNR_SCHEDULES = [schedule.linear(1000), schedule.cosine(1000), schedule.cosine(50), schedule.cosine(100),
-                    schedule.linear(50), schedule.cosine(4000)]  # fmt: skip
+                    schedule.linear(50), schedule.cosine(4000),
+                    *[schedule.cosine(T) for T in range(2, 31)]]  # fmt: skip
 
 
 @pytest.mark.parametrize("sched", LOGSNR_SCHEDULES, ids=str)
@@ -110,6 +113,8 @@ def test_uniform_spacings_match_the_papers():
             assert timesteps.leading(S, T).tolist() == list(range(0, T, T // S))[::-1], (S, T)
     for name in ("leading", "linspace", "trailing"):  # one step starts where the sampler's pure noise is
         assert timesteps.SPACINGS[name](1, 1000).tolist() == [999], name
+    for sched in (schedule.linear(1000), schedule.cosine(1000), schedule.cosine(9)):  # cosine(9): 0.17 at T-2
+        assert timesteps.logsnr(1, sched).tolist() == [sched.T - 1]
 
 
 # -------------------------------------------------------------------- logsnr
