@@ -61,9 +61,9 @@ def grid(N: int, T: int) -> Tensor:
 
 
 def _log_ve(abar: Tensor) -> Tensor:
-    """log s, s = sigma / alpha = sqrt((1 - abar) / abar) the VE noise level (= -lambda, DPM-Solver's half log-SNR);
-    -inf at clean data (abar = 1)."""
-    return 0.5 * ((-abar).log1p() - abar.log())
+    """log s, s = sigma / alpha = sqrt((1 - abar) / abar) the VE noise level: -lambda, DPM-Solver's half log-SNR
+    (timesteps.half_log_snr); -inf at clean data (abar = 1)."""
+    return -timesteps.half_log_snr(abar)
 
 
 def karras(N: int, schedule: Schedule, rho: float = 7.0) -> Tensor:
