@@ -412,8 +412,9 @@ def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: di
         blanks.setdefault((rows[i].name, why), []).append(str(col))
     lines += ["", f"Every row starts from the same x_T; the floor is the mean ± sd over {FLOOR_DRAWS} draws of exact "
               "samples. No sampler clips x0. Spacings: leading = floor(i T / S) (DDIM), even = Analytic-DPM's even "
-              "trajectory, analytic_optimal = its DP trajectory on the model's Gamma, logsnr = uniform in log-SNR "
-              "(DPM-Solver; from the official code's cut, lambda >= -5.1: t = 995 on the cosine schedule).",
+              "trajectory, analytic_optimal = its DP trajectory on the model's Gamma, logsnr = the first S of S + 1 "
+              "points uniform in log-SNR down to t = 0 (DPM-Solver's grid; from the official code's cut, lambda >= "
+              "-5.1: t = 995 on the cosine schedule).",
               *notes]  # fmt: skip
     lines += [f"Blank: {name} at {', '.join(cols)} NFE: {why}." for (name, why), cols in blanks.items()]
     return "\n".join(lines + students_markdown(students)) + "\n"

@@ -90,9 +90,18 @@ def quadratic(steps: int, T: int) -> Tensor:
     return _descending(np.maximum.accumulate(floors - i) + i)  # t_i = max(floor_i, t_{i-1} + 1)
 
 
+# LOGSNR_END (issue 12). A grid of S points ending at t = 0 (diffusers' final_sigmas_type="zero") spends its last
+# model call at t = 0, where sigma = 0.006 (cosine) leaves nothing to denoise, and the other S - 1 steps are 1 + 1/(S-1)
+# times as wide in lambda as the papers'. On the exact mixture (seed 1, 10000 samples, Frechet distance / paired RMS
+# against the exact ODE endpoint; floor 0.024), cosine, 10 NFE: UniPC-2 0.0425 / 0.082 -> 0.0361 / 0.071,
+# DPM-Solver++(2M) 0.0553 / 0.085 -> 0.0449 / 0.077, DDIM 0.182 / 0.093 -> 0.155 / 0.086; 5 NFE: UniPC-2 4.38 -> 0.61;
+# 20 NFE: within noise (0.0336 / 0.043 -> 0.0333 / 0.041). The linear schedule alike. The official codes' own ending
+# (their last step lands on t = 0 and returns x there) gave the same figures to two digits.
 def logsnr(steps: int, schedule: Schedule) -> Tensor:
-    """Uniform in lambda_t = log(sqrt(abar_t / (1 - abar_t))) from the noisiest usable timestep to t = 0
-    (DPM-Solver, Lu et al. 2022).
+    """Uniform in lambda_t = log(sqrt(abar_t / (1 - abar_t))) from the noisiest usable timestep towards t = 0
+    (DPM-Solver, Lu et al. 2022): the official code's grid of S + 1 points from there to t = 0, whose first S are
+    the S model calls. Its last step, first order onto t = 0, is our step onto clean data from the S-th point (they
+    differ by sigma_0 times the predicted noise: at most 0.01 per pixel). LOGSNR_END: why not S points ending at 0.
 
     Each lambda is mapped to the nearest integer timestep (linear interpolation of lambda over t, rounded); where
     several round to the same t (either end, at many steps), they are spread to the nearest free integers.
@@ -108,7 +117,7 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
         return _descending(np.array([T - 1]))
     start = noisiest_usable(schedule)
     lam = half_log_snr(schedule.alphas_cumprod[: start + 1].cpu()).numpy()  # decreasing in t
-    targets = np.linspace(lam[-1], lam[0], steps)
+    targets = np.linspace(lam[-1], lam[0], steps + 1)[:-1]  # the papers' S + 1 points, less t = 0 (LOGSNR_END)
     ts = np.interp(targets, lam[::-1], np.arange(start, -1, -1, dtype=np.float64)).round().astype(np.int64)
     return _descending(spread_up(ts, max(start, steps - 1)))
 

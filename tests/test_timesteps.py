@@ -91,7 +91,7 @@ def test_logsnr_has_S_distinct_descending_steps_for_every_S(sched):
         ts = timesteps.logsnr(S, sched)
         a = assert_valid(ts, S, sched.T, S)
         timesteps.check_start(ts, sched)
-        assert a[0] == first_step("logsnr", S, sched.T, sched) and (S == 1 or a[-1] == 0), (S, a)
+        assert a[0] == first_step("logsnr", S, sched.T, sched), (S, a)
 
 
 def test_the_old_float_strides_are_gone():
@@ -119,11 +119,13 @@ def test_uniform_spacings_match_the_papers():
 
 # -------------------------------------------------------------------- logsnr
 @pytest.mark.parametrize("sched", [schedule.linear(1000), schedule.cosine(1000)], ids=str)
-def test_logsnr_is_uniform_in_log_snr_from_the_first_to_the_last_timestep(sched):
+def test_logsnr_is_the_first_S_of_S_plus_1_points_uniform_in_log_snr_down_to_t_0(sched):
+    """The official DPM-Solver / UniPC grid: S + 1 points from the start to t = 0, a model call at the first S;
+    our step onto clean data replaces their last one onto t = 0 (timesteps.LOGSNR_END)."""
     ts = timesteps.logsnr(8, sched)
-    assert ts[0] == first_step("logsnr", 8, sched.T, sched) and ts[-1] == 0  # T-1 for linear; 995 for cosine
+    assert ts[0] == first_step("logsnr", 8, sched.T, sched) and ts[-1] > 0  # T-1 for linear; 995 for cosine
     lam = _lam(sched, ts)
-    target = torch.linspace(float(lam[0]), float(lam[-1]), 8, dtype=torch.float64)
+    target = torch.linspace(float(lam[0]), float(_lam(sched, torch.tensor([0]))[0]), 9, dtype=torch.float64)[:-1]
     # rounding t to an integer moves lambda by at most half the local slope |d lambda / dt|
     slope = (_lam(sched, (ts + 1).clamp(max=sched.T - 1)) - _lam(sched, (ts - 1).clamp(min=0))).abs()
     assert bool(((lam - target).abs() <= slope / 2 + 1e-9).all()), (lam, target)
