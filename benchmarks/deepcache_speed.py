@@ -33,7 +33,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.testbed import CIFAR10, jittered
 from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache, cached_cost, count_ops, macs_speedup
+from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
+from diffusion.macs import count_ops
 from diffusion.unet import UNet
 
 PAPER = {2: (1.40, 1.47), 3: (1.61, 1.72), 5: (1.85, 2.03), 10: (2.07, 2.32)}  # measured, MACs

@@ -31,21 +31,20 @@ last one's features), as do `reset()`, no cache yet, and a new input shape. With
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .unet import Attention, UNet
+from .macs import count_macs
+from .unet import UNet
 
 __all__ = [
     "DeepCache",
     "uniform_steps",
     "nonuniform_steps",
     "official_steps",
-    "count_macs",
-    "count_ops",
     "cached_cost",
     "macs_speedup",
 ]
@@ -294,43 +293,6 @@ def _locate(model: UNet, branch: int | None) -> tuple[int, tuple[int, int], tupl
 
 
 # ---------------------------------------------------------------- cost: MACs of a cached call vs a full one
-
-
-def count_macs(model: nn.Module, call: Callable[[], object]) -> int:
-    """Multiply-accumulates of the convs, linear layers and attention products in `model` during `call()`."""
-
-    def attention(m: Attention, args, out: Tensor) -> int:  # q k^T and softmax(.) v, each HW x HW x C
-        b, c, height, width = args[0].shape
-        return 2 * b * (height * width) ** 2 * c
-
-    return count_ops(model, call, {
-        nn.Conv2d: lambda m, args, out: out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size),
-        nn.Linear: lambda m, args, out: out.numel() * m.in_features,
-        Attention: attention,
-    })  # fmt: skip
-
-
-def count_ops(model: nn.Module, call: Callable[[], object], counters: dict[type, Callable[..., int]]) -> int:
-    """The sum, over every forward of a submodule of a type in `counters` during `call()` (under no_grad), of
-    counters[type](module, inputs, output): MACs by whichever convention the counters encode."""
-    total = 0
-
-    def hook(counter: Callable[..., int]) -> Callable[..., None]:
-        def add(m: nn.Module, args, out: Tensor) -> None:
-            nonlocal total
-            total += counter(m, args, out)
-
-        return add
-
-    hooks = [m.register_forward_hook(hook(f)) for m in model.modules() for kind, f in counters.items()
-             if isinstance(m, kind)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return total
 
 
 def cached_cost(model: UNet, branch: int | None = None) -> float:

@@ -17,12 +17,12 @@ from diffusion import samplers, schedule, timesteps
 from diffusion.deepcache import (
     DeepCache,
     cached_cost,
-    count_macs,
     macs_speedup,
     nonuniform_steps,
     official_steps,
     uniform_steps,
 )
+from diffusion.macs import count_macs
 from diffusion.unet import UNet
 
 from .conftest import compose_config
