@@ -116,7 +116,7 @@ def common_table(data, sched, counts: Sequence[int], x_T: Tensor, reference: Ten
         for S in counts:
             cells = []
             for name in timesteps.NAMES:
-                ts = timesteps.logsnr(S, sched) if name == "logsnr" else timesteps.SPACINGS[name](S, sched.T)
+                ts = timesteps.make(name, S, sched, check=False)  # the starts check_start refuses, measured too
                 first = sched.alphas_cumprod[ts[0]].sqrt().item()
                 out = run(sampler, data, sched, ts, x_T)
                 cells.append(f"{cell(data, out, reference)} (t₀={int(ts[0])}, √ᾱ={first:.3f})")

@@ -239,3 +239,18 @@ def test_a_deliberate_late_start_passes_with_the_schedule_cut_there():
         samplers.ddim(data.model(sched), x, sched, ts)
     cut = schedule.Schedule(sched.betas[:501])
     assert torch.allclose(samplers.ddim(data.model(sched), x, cut, ts, clip=False), data.means.expand(3, 2))
+
+
+# -------------------------------------------------------------------- benchmarks/leading_spacing.py
+def test_the_leading_spacing_benchmark_measures_every_spacing(tmp_path):
+    """It looked spacings up in SPACINGS, which lacks even and logsnr, and raised once `even` joined NAMES."""
+    from benchmarks.leading_spacing import main
+
+    text = main(["--samples", "20", "--steps", "400", "--common", "10", "--starts", "0.3", "--out",
+                 str(tmp_path / "out.md")])  # fmt: skip
+    assert (tmp_path / "out.md").read_text() == text
+    header = "| sampler | S | " + " | ".join(timesteps.NAMES) + " |"
+    assert text.count(header) == 2  # both schedules
+    rows = [line for line in text.splitlines() if line.startswith(("| ddim η=0 | 10 |", "| pndm | 10 |"))]
+    assert len(rows) == 4 and all(row.count("t₀=") == len(timesteps.NAMES) for row in rows)
+    assert "(t₀=800, √ᾱ=0.305)" in text  # quadratic on the cosine schedule, which check_start refuses, measured
