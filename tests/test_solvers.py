@@ -83,6 +83,30 @@ def test_dpm_solver_2m_and_3m_match_diffusers_to_float64_precision(sched):
             )
 
 
+@pytest.mark.parametrize("sched", SCHEDULES, ids=str)
+def test_the_official_ending_onto_t_0_differs_from_ours_by_sigma_0_times_the_noise(sched):
+    """The official codes end a log-SNR grid with a first-order step onto t = 0 and return x there; ours returns the
+    x0 of the last point (timesteps.LOGSNR_END). The two differ by alpha_0 and sigma_0 times the predicted noise."""
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+
+    model, x = separated_modes().model(sched), torch.randn(64, 6, dtype=F64, generator=gen(2))
+    abar_0 = float(sched.alphas_cumprod[0])
+    for steps in (5, 10):  # below 15 steps diffusers' lower_order_final makes the last step first order, as official
+        ts = timesteps.logsnr(steps, sched)
+        ref = DPMSolverMultistepScheduler(trained_betas=sched.betas.numpy(), algorithm_type="dpmsolver++",
+                                          final_sigmas_type="sigma_min")  # fmt: skip
+        ref.set_timesteps(timesteps=ts.tolist())
+        abar = sched.alphas_cumprod[ts]
+        ref.timesteps = ts.clone()
+        ref.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.tensor([((1 - abar_0) / abar_0) ** 0.5])])
+        y = x.clone().as_subclass(Float64)
+        for t in ts.tolist():
+            y = ref.step(model(y, torch.full((len(y),), t)), t, y).prev_sample
+        official, ours = y.as_subclass(torch.Tensor), solvers.dpm_solver(model, x, sched, ts)
+        gap = (official - ours).pow(2).mean().sqrt()  # 0.1-0.5 sigma_0; x instead of x0 at 5 steps: 2.5-3.4 sigma_0
+        assert 0 < gap < 2 * (1 - abar_0) ** 0.5, (steps, gap)  # sigma_0 = 0.01 (linear), 0.006 (cosine)
+
+
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("sched", SCHEDULES, ids=str)
 def test_unipc_matches_diffusers_to_float64_precision(sched, variant):
