@@ -41,12 +41,13 @@ class Float64(torch.Tensor):
         return self if args and args[0] is torch.float32 else super().to(*args, **kwargs)
 
 
-def reference(scheduler, model, x, ts, sched):
+def reference(scheduler, model, x, ts, sched, final_sigma: float = 0.0):
     """Run a diffusers scheduler on our timesteps, its sigmas taken from our float64 alpha_bar (diffusers keeps
-    float32 ones), ending at sigma = 0 (final_sigmas_type="zero": clean data, as our last step)."""
+    float32 ones), ending at sigma = final_sigma: 0 (final_sigmas_type="zero": clean data, as our last step), or
+    t = 0's (the official codes' end)."""
     abar = sched.alphas_cumprod[ts]
     scheduler.timesteps = ts.clone()
-    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=F64)])
+    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.tensor([final_sigma], dtype=F64)])
     y = x.clone().as_subclass(Float64)
     for t in ts.tolist():
         y = scheduler.step(model(y, torch.full((len(y),), t)), t, y).prev_sample
@@ -96,13 +97,8 @@ def test_the_official_ending_onto_t_0_differs_from_ours_by_sigma_0_times_the_noi
         ref = DPMSolverMultistepScheduler(trained_betas=sched.betas.numpy(), algorithm_type="dpmsolver++",
                                           final_sigmas_type="sigma_min")  # fmt: skip
         ref.set_timesteps(timesteps=ts.tolist())
-        abar = sched.alphas_cumprod[ts]
-        ref.timesteps = ts.clone()
-        ref.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.tensor([((1 - abar_0) / abar_0) ** 0.5])])
-        y = x.clone().as_subclass(Float64)
-        for t in ts.tolist():
-            y = ref.step(model(y, torch.full((len(y),), t)), t, y).prev_sample
-        official, ours = y.as_subclass(torch.Tensor), solvers.dpm_solver(model, x, sched, ts)
+        official = reference(ref, model, x, ts, sched, final_sigma=((1 - abar_0) / abar_0) ** 0.5)
+        ours = solvers.dpm_solver(model, x, sched, ts)
         gap = (official - ours).pow(2).mean().sqrt()  # 0.1-0.5 sigma_0; x instead of x0 at 5 steps: 2.5-3.4 sigma_0
         assert 0 < gap < 2 * (1 - abar_0) ** 0.5, (steps, gap)  # sigma_0 = 0.01 (linear), 0.006 (cosine)
 
