@@ -3,7 +3,7 @@
     python benchmarks/analytic_dpm.py [--schedule linear|cosine] [--steps 10,25,50,100] [--samples 10000]
     python benchmarks/analytic_dpm.py --checkpoint /work/ckpts/mixture_linear/checkpoints/last.ckpt [--device cuda]
 
-The data is benchmarks/quality_vs_steps.py's 3x8x8 Gaussian mixture, whose optimal noise predictor is exact, so the
+The data is benchmarks/mixture_testbed.py's 3x8x8 Gaussian mixture, whose optimal noise predictor is exact, so the
 rows differ only by their sampler. Rows: DDPM with beta-tilde and with beta against Analytic-DDPM, DDIM (eta = 0 and
 1) against Analytic-DDIM with the same eta, on the paper's even trajectory and (analytic rows) its optimal one. Each
 cell: the Frechet distance in data space to the mixture (the noise floor: exact samples of the same size), and the
@@ -28,9 +28,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_vs_steps import RESULTS, image_mixture, load_checkpoint, noise_floor  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks.mixture_testbed import RESULTS, image_mixture, load_checkpoint, noise_floor  # noqa: E402
 from diffusion import analytic, likelihood, samplers, schedule, timesteps  # noqa: E402
 
 # (name, sampler, options, spacings); every row unclipped: the mixture is unbounded

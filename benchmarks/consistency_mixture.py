@@ -3,7 +3,7 @@ next to DDIM, DPM-Solver++ and PNDM at 10 to 100 NFE.
 
     python benchmarks/consistency_mixture.py [--iterations N] [--samples 5000] [--out benchmarks/results]
 
-The data is quality_vs_steps.py's mixture of Gaussian images (3x8x8, 6 modes) on the linear schedule (T = 1000),
+The data is mixture_testbed.py's mixture of Gaussian images (3x8x8, 6 modes) on the linear schedule (T = 1000),
 whose exact noise predictor is the CD teacher: no teacher error, so what separates a student from the exact
 consistency function (the probability-flow ODE's solution map) is the distillation's own error. The exact ODE
 endpoint of each x_T is a 500-step DPM-Solver++ run. Measures: the paired RMS distance per pixel to that endpoint
@@ -36,18 +36,17 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality_vs_steps as qvs  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks import mixture_testbed as mt  # noqa: E402
 from diffusion import consistency as cm  # noqa: E402
 from diffusion import samplers, schedule, timesteps  # noqa: E402
 from diffusion.training import ema_update  # noqa: E402
 
 SIGMA_DATA = 0.5  # Karras et al.'s sigma_data: the mixture's per-pixel std is 0.53 (means +-0.6, spread 0.1)
 BASELINES = (
-    qvs.Row("ddim η=0", samplers.ddim),
-    qvs.Row("dpm_solver++(2M)", samplers.dpm_solver, "logsnr"),
-    qvs.Row("pndm (F-PNDM)", samplers.pndm),
+    mt.Row("ddim η=0", samplers.ddim),
+    mt.Row("dpm_solver++(2M)", samplers.dpm_solver, "logsnr"),
+    mt.Row("pndm (F-PNDM)", samplers.pndm),
 )
 
 
@@ -146,7 +145,7 @@ def train(kind: str, data, sched, iterations: int, *, batch: int = 256, lr: floa
 
 
 def measure(samples: Tensor, endpoint: Tensor, data) -> dict:
-    rms, other = qvs.paired(data, samples, endpoint)
+    rms, other = mt.paired(data, samples, endpoint)
     return {"fd": data.frechet(samples), "rms": rms, "other": other}
 
 
@@ -201,13 +200,13 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--search-samples", type=int, default=1000, help="held-out x_T for the intermediate times")
-    parser.add_argument("--out", default=str(qvs.RESULTS))
+    parser.add_argument("--out", default=str(mt.RESULTS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations {args.iterations}: a student needs at least 1 Adam step (omit it for the defaults)")
     torch.set_num_threads(1)  # small ops: threads only add synchronisation (28x slower on a busy 2-core CPU)
-    data, sched, n = qvs.image_mixture(seed=args.seed), schedule.linear(1000), args.samples
+    data, sched, n = mt.image_mixture(seed=args.seed), schedule.linear(1000), args.samples
     exact = data.model(sched)
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     held_out_seed = torch.Generator().manual_seed(args.seed + 7)  # the times are searched on other seeds
@@ -215,12 +214,12 @@ def main(argv=None) -> dict:
     endpoint = samplers.dpm_solver(exact, x_T, sched, timesteps.logsnr(500, sched), clip=False)
     rows = {}  # name -> {steps: (nfe, measures)}
     for row in BASELINES:
-        result = qvs.table((row,), exact, data, sched, (10, 20, 50, 100), n, seed=args.seed, keep=True)
+        result = mt.table((row,), exact, data, sched, (10, 20, 50, 100), n, seed=args.seed, keep=True)
         cells = {}
         for s in (10, 20, 50, 100):
-            cells[s] = (result["cells"][0, s].nfe, measure(result["samples"][qvs.base_key(row), s], endpoint, data))
+            cells[s] = (result["cells"][0, s].nfe, measure(result["samples"][mt.base_key(row), s], endpoint, data))
         rows[f"{row.name} ({row.spacing})"] = cells
-    floor = qvs.noise_floor(data, n, args.seed)
+    floor = mt.noise_floor(data, n, args.seed)
     seconds, chosen, steps = {}, {}, {}
     for name, (kind, iterations, options) in STUDENTS.items():
         steps[name] = args.iterations or iterations

@@ -1,5 +1,5 @@
 """Where should `leading` start when T/3 < S < T, and what does a start short of pure noise cost? Measured on the
-exact Gaussian mixture (benchmarks/quality_vs_steps.py's, 3x8x8, 6 modes), T = 1000, linear and cosine schedules.
+exact Gaussian mixture (benchmarks/mixture_testbed.py's, 3x8x8, 6 modes), T = 1000, linear and cosine schedules.
 
     python benchmarks/leading_spacing.py [--samples 1000] [--steps 300,400,500,700,999] [--common 10,20,50,100]
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: ben
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from benchmarks.quality_vs_steps import RESULTS, image_mixture, noise_floor  # noqa: E402
+from benchmarks.mixture_testbed import RESULTS, image_mixture, noise_floor  # noqa: E402
 from diffusion import samplers, schedule, timesteps  # noqa: E402
 from diffusion.mixture import GaussianMixture  # noqa: E402
 from diffusion.schedule import Schedule  # noqa: E402

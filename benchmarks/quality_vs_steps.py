@@ -29,58 +29,38 @@ sampler, steps, x_T and noise): the network's own error.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # The closed form's matrices are small (192 x 192): BLAS threads only add synchronisation, up to 100x on a busy CPU.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 
 import argparse  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 import textwrap  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from functools import partial  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from diffusion import analytic, samplers, schedule, timesteps  # noqa: E402
+from benchmarks.consistency_students import read_students, students_markdown  # noqa: E402
+from benchmarks.mixture_testbed import (  # noqa: E402
+    ENDPOINT_STEPS,
+    FLOOR_DRAWS,
+    RESULTS,
+    Refused,
+    Row,
+    image_mixture,
+    load_checkpoint,
+    nfe_steps,
+    table,
+)
+from diffusion import analytic, samplers, schedule  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
-from diffusion.mixture import GaussianMixture  # noqa: E402
-from diffusion.schedule import Schedule  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FLOOR_DRAWS = 5
-ENDPOINT_STEPS = 500  # the exact ODE endpoint: DPM-Solver++(2M) at 500 log-SNR steps, as consistency_mixture.py
-# NFE of S steps, as each sampler's docstring documents (the others: S); checked against counted calls in `run`
-NFE = {"pndm": lambda S: 4 * S - 3 if S <= 3 else S + 9, "s_pndm": lambda S: S + 1 if S > 1 else 1}
-NFE["plms"] = NFE["s_pndm"]
 SKIP_RHO = (1.0, 0.8)  # Skip-Tuning's config default, used when results/skip_tuning.md has no sweep to read
-
-
-@dataclass(frozen=True)
-class Row:
-    """One sampler configuration: a table row. `wrap(model, timesteps) -> model` puts DeepCache or Skip-Tuning
-    around the model (DESIGN principle 3: the sampler never knows)."""
-
-    name: str
-    sampler: Callable[..., Tensor]
-    spacing: str = "leading"
-    options: dict = field(default_factory=dict)
-    wrap: Callable | None = None
-
-
-def nfe_steps(row: Row, nfe: int) -> int | None:
-    """The step count S at which `row` spends exactly `nfe` model evaluations (None if none does)."""
-    count = NFE.get(row.sampler.__name__, lambda S: S)
-    return next((S for S in range(1, nfe + 1) if count(S) == nfe), None)
-
-
 NO_CAP = {"noise_cap": None}  # Analytic-DPM's cap on the last noise is in 8-bit levels: the mixture has none
 ROWS = (
     Row("ddpm, σ²=β", samplers.ddpm, options={"variance": "beta"}),
@@ -107,10 +87,7 @@ ROWS = (
     Row("unipc order 2, bh1", samplers.unipc, "logsnr", {"order": 2, "variant": "bh1"}),
     Row("unipc order 3, bh1", samplers.unipc, "logsnr", {"order": 3, "variant": "bh1"}),
 )
-
-
-class Refused(Exception):
-    """A wrapper that cannot serve these steps (DeepCache's official rule finds no power): a blank cell, said why."""
+OWN_METHODS = frozenset(f"{r.name} ({r.spacing})" for r in ROWS)  # a students' file's baselines: measured here
 
 
 def deepcache(model, ts: Tensor, **options):
@@ -169,215 +146,6 @@ def skip_rho(path: Path) -> tuple[tuple[float, float], str]:
         return SKIP_RHO, f"no ρ other than 1:1 was best in {path.name}: the config default"
     best = max(wins, key=wins.get)
     return best, f"best in {wins[best]} of {rows} rows of {path.name}, the most of any ρ but 1:1 (best in {plain})"
-
-
-def image_mixture(image_size: int = 8, channels: int = 3, num_modes: int = 6, std: float = 0.1,
-                  contrast: float = 0.6, seed: int = 0) -> GaussianMixture:  # fmt: skip
-    """Modes of random +-contrast blocks of 2x2 pixels (48 signs each: means ~100 std apart), weights 1 : ... : K."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = -(-image_size // 2)
-    signs = torch.randint(0, 2, (num_modes, channels, blocks, blocks), generator=g) * 2 - 1
-    means = signs.repeat_interleave(2, -1).repeat_interleave(2, -2)[..., :image_size, :image_size]
-    return GaussianMixture(contrast * means.double(), torch.arange(1, num_modes + 1, dtype=torch.float64), std)
-
-
-# ---------------------------------------------------------------- measuring
-
-
-@dataclass
-class Cell:
-    frechet: float
-    mode_error: float
-    nfe: float
-    steps: int = 0
-    full: float | None = None  # DeepCache's full UNet calls per sample run
-    # (RMS difference per pixel, share of samples nearest another mode) against paired samples from the same x_T:
-    # the exact ODE endpoint, or the exact predictor's samples with the same noise. Free of the floor's noise.
-    paired: tuple[float, float] | None = None
-
-
-def base_key(row: Row) -> tuple:
-    """What identifies a row's sampler run apart from its wrapper: the key its exact counterpart is stored under."""
-    return row.sampler.__name__, row.spacing, tuple(sorted(row.options.items()))
-
-
-def takes_gamma(row: Row) -> bool:
-    return "gamma" in inspect.signature(row.sampler).parameters or row.spacing in timesteps.GAMMA_SPACINGS
-
-
-def as_dtype(model) -> Callable[[Tensor, Tensor], Tensor]:
-    """`model` fed in its parameters' dtype (float64 arithmetic around a float32 network)."""
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    return model if not params else lambda x, t: model(x.to(params[0].dtype), t).to(x.dtype)
-
-
-def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int, seed: int,
-        gamma: Tensor | None = None, data_var: float | None = None) -> tuple[Cell, Tensor]:  # fmt: skip
-    """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
-    ts = timesteps.make(row.spacing, steps, sched, gamma=gamma).to(x_T.device)
-    net = row.wrap(model, ts) if row.wrap else model
-    forward, calls = as_dtype(net), 0
-
-    def counted(x: Tensor, t: Tensor) -> Tensor:  # the sampler's arithmetic stays in x_T's dtype (float64)
-        nonlocal calls
-        calls += 1
-        return forward(x, t)
-
-    g = torch.Generator(x_T.device).manual_seed(seed + 1)  # fresh noise of the stochastic samplers
-    chunks = x_T.split(batch)
-    analytic_options = {"gamma": gamma, "data_var": data_var}  # data_var: Theorem 2's bound (unclipped)
-    options = row.options | (analytic_options if "gamma" in inspect.signature(row.sampler).parameters else {})
-    out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=False, **options) for x in chunks])
-    full = net.full_calls / len(chunks) if hasattr(net, "full_calls") else None
-    cell = Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), steps, full)
-    return cell, out
-
-
-def noise_floor(data: GaussianMixture, n: int, seed: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(mean, sd) of the Frechet distance and of the mode-weight error of n exact samples, over FLOOR_DRAWS draws."""
-    g = torch.Generator().manual_seed(seed + 2)
-    draws = [data.sample(n, generator=g) for _ in range(FLOOR_DRAWS)]
-    fd = torch.tensor([data.frechet(x) for x in draws])
-    mwe = torch.tensor([data.mode_weight_error(x) for x in draws])
-    return (fd.mean().item(), fd.std().item()), (mwe.mean().item(), mwe.std().item())
-
-
-def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, device: str) -> tuple[Tensor, float]:
-    """Analytic-DPM's Gamma of `model` by Monte Carlo over M exact samples of the mixture (its training data), and
-    the data variance of the same samples (Theorem 2's bound: no sampler clips), as analytic_cache caches them."""
-    x0 = data.sample(M, torch.Generator().manual_seed(seed + 10)).to(device)
-    g = torch.Generator(device).manual_seed(seed + 11)
-    big = not isinstance(model, torch.nn.Module)  # the closed form takes any batch; a network, a modest one
-    gamma = analytic.estimate_gamma(as_dtype(model), x0, sched, batch_size=20000 if big else 512, generator=g)
-    return gamma, analytic.data_variance(x0)
-
-
-def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, columns: Sequence[int], n: int, *,
-          steps: Callable[[Row, int], int | None] = lambda row, c: c, seed: int = 0, batch: int | None = None,
-          device: str = "cpu", keep: bool = False, exact: dict | None = None, endpoint: int = 0,
-          gamma_m: int = 1000) -> dict:  # fmt: skip
-    """Every row at every column: {"cells": {(row index, column): Cell}, "blank": {(row index, column): why},
-    "floor", "seconds", "gamma_seconds"}, with "samples": {(base_key(row), steps): samples} if `keep`.
-
-    Args:
-        steps: the step count of a row in a column (default: the column itself), None for a blank cell.
-        exact: the "samples" of the exact predictor's table: each cell is paired with its twin there.
-        endpoint: if > 0, pair each cell with the ODE endpoint of `model` (DPM-Solver++(2M), that many log-SNR steps).
-    """
-    start = time.perf_counter()
-    x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_T = x_T.to(device)
-    analytic_rows = any(map(takes_gamma, rows))
-    gamma, data_var = gamma_of(model, data, sched, gamma_m, seed, device) if analytic_rows else (None, None)
-    gamma_seconds = time.perf_counter() - start
-    reference = None
-    if endpoint:
-        ts = timesteps.logsnr(endpoint, sched)
-        reference = torch.cat([samplers.dpm_solver(as_dtype(model), x, sched, ts) for x in x_T.split(batch or n)])
-    cells, blank, samples = {}, {}, {}
-    jobs = [(i, c) for i in range(len(rows)) for c in columns]
-    for i, c in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
-        bar.set_postfix_str(f"{rows[i].name} ({rows[i].spacing}), {c}")
-        s = steps(rows[i], c)
-        if s is None:
-            blank[i, c] = "no step count spends exactly this many evaluations"
-            continue
-        try:
-            cells[i, c], out = run(rows[i], model, data, sched, s, x_T, batch=batch or n, seed=seed, gamma=gamma,
-                                   data_var=data_var)  # fmt: skip
-        except Refused as why:  # said in the notes, not hidden
-            blank[i, c] = str(why)
-            continue
-        key = (base_key(rows[i]), s)
-        if keep and not rows[i].wrap:
-            samples[key] = out
-        twin = reference if reference is not None else (exact or {}).get(key)
-        if twin is not None:
-            cells[i, c].paired = paired(data, out, twin)
-    seconds = time.perf_counter() - start
-    result = {"cells": cells, "blank": blank, "floor": noise_floor(data, n, seed), "seconds": seconds,
-              "gamma_seconds": gamma_seconds}  # fmt: skip
-    return result | ({"samples": samples} if keep else {})
-
-
-def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float, float]:
-    """(RMS difference per pixel, share of samples nearest another mode) between samples and their exact twins."""
-    rms = (samples - exact).double().pow(2).mean().sqrt().item()
-    return rms, (data.nearest_mode(samples) != data.nearest_mode(exact)).double().mean().item()
-
-
-# ---------------------------------------------------------------- consistency students (issue 13)
-STUDENT_KEYS = {"method": str, "steps": int, "nfe": int, "fd": float, "rms": float, "other_mode": float}
-
-
-def read_students(path: Path, sched: Schedule, data: GaussianMixture, seed: int = 0) -> tuple[list[dict], str]:
-    """(rows, note) from benchmarks/consistency_mixture.py's JSON: {"schedule", "shape", "samples", "rows": [{method,
-    steps, nfe, fd, rms, other_mode (a fraction)}, ...]}, optionally "seed" (image_mixture's; 0 if absent). Plain
-    data, checked key by key (UsageError naming the first problem; other keys are ignored); no rows, said why, when
-    the file is absent or made for another schedule, shape or mixture seed. Its rows for our own samplers (method
-    "<row name> (<spacing>)" of ROWS: its baselines) are left out, said so: this table measures them itself. A row
-    "noise floor..." with steps = nfe = 0 is its noise floor ("floor": True), shown in the table, not plotted."""
-    if not path.exists():
-        return [], ""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path}: not readable JSON ({error}); rerun benchmarks/consistency_mixture.py") from None
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise UsageError(f"{path}: {what}; rerun benchmarks/consistency_mixture.py or pass --consistency none")
-
-    need(isinstance(doc, dict), f"the top level must be an object, got {type(doc).__name__}")
-    for key, kind in (("schedule", str), ("shape", list), ("samples", int), ("rows", list)):
-        need(key in doc and _is(doc[key], kind), f'"{key}" must be a {kind.__name__}, got {doc.get(key)!r}')
-    need(all(_is(n, int) and n > 0 for n in doc["shape"]), f'"shape" must hold positive ints, got {doc["shape"]}')
-    need(doc["samples"] >= 2 and len(doc["rows"]) > 0, '"samples" must be >= 2 and "rows" not empty')
-    for i, row in enumerate(doc["rows"]):
-        need(isinstance(row, dict), f"rows[{i}] must be an object, got {type(row).__name__}")
-        for key, kind in STUDENT_KEYS.items():
-            need(key in row and _is(row[key], kind), f'rows[{i}]["{key}"] must be a {kind.__name__}, got '
-                 f"{row.get(key)!r}")  # fmt: skip
-        floor = row["method"].startswith("noise floor") and row["steps"] == row["nfe"] == 0
-        need(bool(row["method"].strip()) and (floor or (row["steps"] >= 1 and row["nfe"] >= 1)), f"rows[{i}]: empty "
-             "method or a count below 1 (0 and 0 only for a 'noise floor' row)")  # fmt: skip
-        need(row["fd"] >= 0 and row["rms"] >= 0 and 0 <= row["other_mode"] <= 1, f"rows[{i}]: fd and rms must be "
-             f"finite and >= 0, other_mode a fraction in [0, 1]")  # fmt: skip
-    need(_is(doc.get("seed", 0), int), f'"seed" must be an int, got {doc.get("seed")!r}')
-    mine, theirs = (sched.name, list(data.shape), seed), (doc["schedule"], doc["shape"], doc.get("seed", 0))
-    if theirs != mine:
-        return [], (f"Consistency students: {path.name} is for the {theirs[0]} schedule, shape {theirs[1]} and mixture "
-                    f"seed {theirs[2]}, not {mine[0]}, {mine[1]} and {mine[2]}: not shown.")  # fmt: skip
-    ours = {f"{r.name} ({r.spacing})" for r in ROWS}
-    baselines = list(dict.fromkeys(row["method"] for row in doc["rows"] if row["method"] in ours))
-    note = (f"Consistency students: {path.name} ({doc['samples']} samples per row, so their own noise floor; "
-            "benchmarks/consistency_mixture.py trains them)" + (f"; its rows for {', '.join(baselines)} are left out "
-            "(this table's own rows)." if baselines else "."))  # fmt: skip
-    rows = [row for row in doc["rows"] if row["method"] not in ours]
-    return [row | {"samples": doc["samples"], "floor": row["steps"] == 0} for row in rows], note
-
-
-def _is(value, kind: type) -> bool:
-    """JSON's value is of `kind` (bools are not numbers; an int is a float; floats are finite)."""
-    if isinstance(value, bool):
-        return kind is bool
-    if kind is float:
-        return isinstance(value, int | float) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-def students_markdown(students: Sequence[dict]) -> list[str]:
-    """The students' table, below the samplers': one row per (method, steps)."""
-    if not students:
-        return []
-    lines = ["", f"Consistency students, exact teacher ({students[0]['samples']} samples): Frechet distance / "
-             "paired RMS per pixel to the exact ODE endpoint / share of samples on another mode.", "",
-             "| method | steps | NFE | Frechet | paired RMS | other mode |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(students, key=lambda r: r["floor"]):  # the floor last, as in the samplers' table
-        counts = "| | |" if r["floor"] else f"| {r['steps']} | {r['nfe']} |"
-        paired = "| | |" if r["floor"] else f"| {r['rms']:.3f} | {100 * r['other_mode']:.1f}% |"
-        lines.append(f"| {r['method']} {counts} {r['fd']:.3g} {paired}")
-    return lines
 
 
 # ---------------------------------------------------------------- reporting
@@ -457,35 +225,6 @@ def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], re
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------- the trained model
-
-
-def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, GaussianMixture, str]:
-    """(EMA network, schedule, the mixture it was trained on, a description for the title) from a checkpoint of
-    train.py with data=mixture."""
-    from diffusion import checkpoints, registry
-
-    checkpoint = checkpoints.load(path)
-    model, sched = checkpoints.load_model(checkpoint, device=device)
-    data_cfg = checkpoint["config"].get("data")
-    if not isinstance(data_cfg, dict):
-        raise UsageError(f"{path}: its config has no data section, so the data distribution is unknown")
-    datamodule = registry.build("data", data_cfg, where=f"{path}: checkpoint config data")
-    target = data_cfg["_target_"]
-    if not hasattr(datamodule, "distribution"):
-        raise UsageError(f"{path} was trained on {target}, not a Gaussian mixture: train with data=mixture")
-    data = datamodule.distribution()
-    shape = (model.in_channels, model.resolution, model.resolution)
-    if tuple(data.shape) != shape:
-        raise UsageError(f"{path}: the model takes images of shape {shape}, its data config gives {data.shape}")
-    params = sum(p.numel() for p in model.parameters())
-    about = (
-        f"{Path(path).name}: {type(model).__name__} of {params / 1e6:.2f}M parameters, EMA weights after "
-        f"{checkpoint.get('global_step', '?')} training steps"
-    )
-    return model, sched.to("cpu"), data, about
 
 
 # ---------------------------------------------------------------- the script
@@ -568,7 +307,9 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
             sched = getattr(schedule, name)(T=1000)
             title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples, {gamma}"
             # read (and checked) now, not after the long run
-            students, said = read_students(consistency, sched, data, args.seed) if consistency else ([], "")
+            students, said = (
+                read_students(consistency, sched, data, args.seed, OWN_METHODS) if consistency else ([], "")
+            )
             jobs.append((f"quality_{name}", title, ROWS, data.model(sched), data, sched, (*notes, said), students))
     # With a checkpoint, the exact table runs first and keeps its samples for the trained table's paired columns.
     exact = None

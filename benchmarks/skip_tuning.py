@@ -3,7 +3,7 @@
     python benchmarks/skip_tuning.py --checkpoint /work/ckpts/mixture_linear/checkpoints/last.ckpt [--samples 256]
     python benchmarks/skip_tuning.py --speed-only
 
-The network is a train.py checkpoint on `data=mixture` (benchmarks/quality_vs_steps.py loads it), whose data has a
+The network is a train.py checkpoint on `data=mixture` (benchmarks/mixture_testbed.py loads it), whose data has a
 closed-form noise predictor. Every cell starts from the same x_T and reports, against the exact probability-flow
 ODE's endpoint from that x_T (the exact predictor under DPM-Solver++(2M) with --reference-steps log-SNR steps):
 
@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_vs_steps import load_checkpoint  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
+from benchmarks.mixture_testbed import load_checkpoint  # noqa: E402
 from diffusion import samplers, timesteps  # noqa: E402
 from diffusion.mixture import GaussianMixture  # noqa: E402
 from diffusion.skiptuning import SkipTuning  # noqa: E402

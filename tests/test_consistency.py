@@ -355,7 +355,8 @@ def test_the_benchmarks_time_search_leaves_a_time_below_each_choice(monkeypatch)
 
 def test_the_benchmarks_json_names_its_mixture_seed_and_refuses_zero_steps(tmp_path, capsys):
     from benchmarks import consistency_mixture as bench
-    from benchmarks.quality_vs_steps import image_mixture, read_students
+    from benchmarks.consistency_students import read_students
+    from benchmarks.mixture_testbed import image_mixture
 
     cell = {"fd": 1.0, "rms": 0.5, "other": 0.25}
     doc = bench.as_json({"CD": {1: (1, cell)}}, ((0.05, 0.01), None), 100, seed=1)

@@ -16,18 +16,16 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.consistency_students import read_students  # noqa: E402
+from benchmarks.mixture_testbed import Row, image_mixture, nfe_steps, table  # noqa: E402
 from benchmarks.quality_vs_steps import (  # noqa: E402
     DEEPCACHE_ROWS,
+    OWN_METHODS,
     ROWS,
     SKIP_RHO,
-    Row,
-    image_mixture,
     main,
-    nfe_steps,
-    read_students,
     skip_rho,
     skip_rows,
-    table,
 )
 from diffusion import samplers  # noqa: E402
 from diffusion.checkpoints import CheckpointError  # noqa: E402
@@ -141,7 +139,8 @@ def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixtu
     path, data = tmp_path / "c.json", image_mixture()
     assert read_students(path, linear(1000), data) == ([], "")  # absent: nothing said
     path.write_text(json.dumps(STUDENTS))
-    students, note = read_students(path, linear(1000), data)
+    assert len(read_students(path, linear(1000), data)[0]) == 5  # nothing named as the table's own: all rows
+    students, note = read_students(path, linear(1000), data, ours=OWN_METHODS)
     methods = ["CD", "CD", "CT", "noise floor: exact samples"]  # the ddim baseline is the table's own row
     assert [r["method"] for r in students] == methods and all(r["samples"] == 5000 for r in students)
     assert [r["floor"] for r in students] == [False, False, False, True]
@@ -154,7 +153,7 @@ def test_consistency_json_is_read_as_checked_data_for_its_own_schedule_and_mixtu
     rows, said = read_students(path, linear(1000), data, seed=1)
     assert rows == [] and "seed 0" in said
     path.write_text(json.dumps(STUDENTS | {"seed": 1}))
-    assert len(read_students(path, linear(1000), data, seed=1)[0]) == 4
+    assert len(read_students(path, linear(1000), data, seed=1, ours=OWN_METHODS)[0]) == 4
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Nothing read from a file is code. Crafted checkpoints and data configs go through every entry that builds from
-one (checkpoints.load_model, sample.py's FID reference, quality_vs_steps's loader, the diffusers export): each is
+one (checkpoints.load_model, sample.py's FID reference, mixture_testbed's loader, the diffusers export): each is
 refused with the offending key named, and its payload (creating a marker file) never runs. The payloads are shown
 to be live: Hydra's instantiate, which the loaders used to call, runs them. Genuine checkpoints of the real configs
 still load."""
@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from benchmarks.quality_vs_steps import load_checkpoint
+from benchmarks.mixture_testbed import load_checkpoint
 from diffusion import checkpoints, metrics, pretrained, registry
 from diffusion.errors import UsageError
 from diffusion.images import save_npz
@@ -38,7 +38,7 @@ ARGUMENT = {"model": "ch", "schedule": "T", "data": "num_images"}  # a real para
 
 def attacks(marker: Path, section: str) -> dict[str, tuple[dict, str, str | None]]:
     """name -> (a crafted `section` config, the key its error must name, the resolver that runs its payload: "import
-    path" for the one metrics._datamodule had, "hydra" for Hydra's instantiate, which load_model and quality_vs_steps
+    path" for the one metrics._datamodule had, "hydra" for Hydra's instantiate, which load_model and mixture_testbed
     called, None where this Hydra's own blocklist stops it too)."""
     shell = f"touch {shlex.quote(str(marker))}"
     writer = {"_target_": "diffusion.data.torch.save", "obj": 1, "f": str(marker)}  # torch, as data.py imports it
