@@ -163,9 +163,11 @@ def measure(samples: Tensor, endpoint: Tensor, data) -> dict:
 # spread (seed 1: 0.75 / 0.159 / 3.6%, 0.438; seed 0's table with them: 2-step FD 0.805): batch 512 keeps mu = 0.95.
 # 24000 steps (was 12000), fixed before either run below: seed 1 (2000 x_T), 1-step 0.152 / 0.091 / 1.3% against
 # DPM-Solver++(2M) at 10 NFE 0.097 / 0.074 / 0.85%; seed 0 (this table) 0.097 / 0.088 / 1.1%, 2-step 0.080.
+# 48000 steps, fixed before both runs, which ran side by side: seed 1, 1-step 0.119 / 0.076 / 0.85% against the same
+# 0.097 / 0.074 / 0.85% (level); seed 0 (this table) 0.076 / 0.076 / 0.76% against 0.071 / 0.085 / 1.12%.
 STUDENTS = {
     "CD (Karras N=18, DPM-Solver++(2S) teacher, L2 / (s_hi - s_lo), mu=0.95, batch 512, from scratch)": (
-        "cd", 24000, {"from_teacher": False, "weighting": True, "batch": 512}),
+        "cd", 48000, {"from_teacher": False, "weighting": True, "batch": 512}),
     "PCM (M=2 phases, mu=0.95, batch 256, else as CD)": (
         "pcm", 6000, {"phases": 2, "from_teacher": False, "weighting": True}),
     "CT (pseudo-Huber, Karras N curriculum 10..1000, lognormal, no EMA)": ("ct", 6000, {}),
