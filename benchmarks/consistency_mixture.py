@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     held_out_seed = torch.Generator().manual_seed(args.seed + 7)  # the times are searched on other seeds
     held_out = torch.randn((args.search_samples, *data.shape), generator=held_out_seed, dtype=torch.float64)
-    endpoint = samplers.dpm_solver(exact, x_T, sched, timesteps.logsnr(500, sched), clip=False)
+    endpoint = samplers.dpm_solver(exact, x_T, sched, timesteps.logsnr(mt.ENDPOINT_STEPS, sched), clip=False)
     rows = {}  # name -> {steps: (nfe, measures)}
     for row in BASELINES:
         result = mt.table((row,), exact, data, sched, (10, 20, 50, 100), n, seed=args.seed, keep=True)

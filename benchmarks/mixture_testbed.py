@@ -31,7 +31,7 @@ from diffusion.schedule import Schedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR_DRAWS = 5
-ENDPOINT_STEPS = 500  # the exact ODE endpoint: DPM-Solver++(2M) at 500 log-SNR steps, as consistency_mixture.py
+ENDPOINT_STEPS = 500  # the exact ODE endpoint: DPM-Solver++(2M) at 500 log-SNR steps (consistency_mixture.py too)
 # NFE of S steps, as each sampler's docstring documents (the others: S); checked against counted calls in `run`
 NFE = {"pndm": lambda S: 4 * S - 3 if S <= 3 else S + 9, "s_pndm": lambda S: S + 1 if S > 1 else 1}
 NFE["plms"] = NFE["s_pndm"]
