@@ -59,7 +59,16 @@ def train_script(run_dir: Path, *overrides: str, sweep: bool = False, timeout: f
         os.killpg(proc.pid, signal.SIGKILL)  # the rank Lightning started is in this group too
         out, _ = proc.communicate()
         pytest.fail(f"train.py {' '.join(overrides)} hung for {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, excerpt(out)
+
+
+def excerpt(out: str) -> str:
+    """A failed run's output for the assertion: where a rank crashed in C++ (the fault handler's "Fatal Python
+    error" stack, which the other rank's traceback of the broken connection would push out of a plain tail), then
+    the tail."""
+    crash = out.find("Fatal Python error")
+    head = out[crash : crash + 3000] + "\n[...]\n" if crash >= 0 else ""
+    return head + out[-3000:]
 
 
 def metrics(run_dir: Path, name: str) -> dict[int, float]:
