@@ -7,6 +7,7 @@ import configparser
 import netrc
 import os
 import socket
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -112,9 +113,9 @@ def finish_wandb() -> None:
     """Close this process's W&B run, if any, so its files are complete when train() returns, not at exit.
 
     `finish` alone can return while wandb's service process is still writing the run's file (seen with a second
-    run in one process under load); `teardown` waits for the service and stops it (the next run starts a new one)."""
-    import wandb as wandb_sdk
-
-    if wandb_sdk.run is not None:
+    run in one process under load); `teardown` waits for the service and stops it (the next run starts a new one).
+    A process that never imported wandb has no run, and need not have W&B installed (a CSV-logged GPU check)."""
+    wandb_sdk = sys.modules.get("wandb")
+    if getattr(wandb_sdk, "run", None) is not None:
         wandb_sdk.finish()
         wandb_sdk.teardown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -74,6 +75,15 @@ def test_training_logs_offline_when_the_server_is_unreachable(tmp_path, key_but_
         train(cfg)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert b"train/loss" in next(run_dir.glob("*.wandb")).read_bytes()
+
+
+def test_a_run_that_logs_elsewhere_never_imports_wandb(tmp_path, monkeypatch):
+    """The GPU check logs to CSV, on machines that may lack W&B (.ci/gpu_wheels brings none): its runs must not
+    import wandb, not even to close a W&B run that never started."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    cfg = compose_config("train", [*TINY_RUN, "trainer.max_steps=2"], tmp_path)
+    assert cfg.logger._target_.endswith("CSVLogger")
+    assert train(cfg).global_step == 2
 
 
 def test_a_reachable_server_keeps_the_mode_unset(tmp_path, monkeypatch, key_but_no_server, open_port):
