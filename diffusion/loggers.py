@@ -4,6 +4,7 @@ it cannot reach."""
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import netrc
 import os
 import socket
@@ -103,6 +104,9 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
 
     `id` names the W&B run: a resumed training run passes the id from its checkpoint, so its charts continue.
     """
+    if importlib.util.find_spec("wandb") is None:
+        raise ModuleNotFoundError("logger=wandb needs W&B, which is not installed: `pip install wandb`, or log to CSV "
+                                  "with logger=csv (or logger=none)")  # fmt: skip
     go_offline_without_credentials(save_dir)
     go_offline_without_server(save_dir, connect_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)

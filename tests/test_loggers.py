@@ -86,6 +86,14 @@ def test_a_run_that_logs_elsewhere_never_imports_wandb(tmp_path, monkeypatch):
     assert train(cfg).global_step == 2
 
 
+def test_wandb_not_installed_says_how_to_install_it_or_log_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"not installed: `pip install wandb`, or .* logger=csv"):
+        loggers.wandb(str(tmp_path))
+    assert "WANDB_MODE" not in os.environ  # refused before announcing an offline run
+
+
 def test_a_reachable_server_keeps_the_mode_unset(tmp_path, monkeypatch, key_but_no_server, open_port):
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{open_port}")
     loggers.go_offline_without_server(tmp_path, timeout=2)
