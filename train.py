@@ -29,7 +29,9 @@ def train(cfg: DictConfig) -> DiffusionModule:
     cfg.run_id = cfg.run_id or os.urandom(4).hex()
     teacher = adopt_teacher(cfg) if cfg.get("consistency") else None  # CD: the teacher's model and schedule
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
-    optimizer = instantiate(cfg.optim)
+    # Plain Python arguments: torch 2.6's Adam keeps `betas` as given, and a ListConfig in its state would make every
+    # checkpoint unreadable under torch.load(weights_only=True).
+    optimizer = instantiate(cfg.optim, _convert_="all")
     plan = precision.plan_step(cfg.trainer, cfg.module, optimizer)  # refuses what would crash at step 1
     rank_zero_info(f"training step: {plan}")
 

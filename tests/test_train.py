@@ -53,6 +53,34 @@ def test_a_run_writes_checkpoints_samples_and_metrics(tmp_path):
     assert "val/loss" in metrics and "val/loss_ema" in metrics and "train/lr" in metrics
 
 
+def test_the_optimizer_and_the_checkpoint_get_plain_values_only(tmp_path, monkeypatch):
+    """torch 2.6's Adam keeps `betas` as it is given: an OmegaConf ListConfig there went into every checkpoint, and
+    torch.load(weights_only=True) refused to read it back. Whatever the torch version, the optimizer is built from
+    plain Python and a checkpoint holds tensors and plain Python only."""
+    given = {}
+    build = torch.optim.Adam.__init__
+
+    def recording(self, params, **kwargs):
+        given.update(kwargs)
+        build(self, params, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", recording)
+    run(tmp_path, "trainer.max_steps=1")
+    assert given["betas"] == [0.9, 0.999] and {type(v) for v in given.values()} <= {bool, int, float, list}
+
+    def leaves(obj):
+        if isinstance(obj, dict):
+            yield from (leaf for pair in obj.items() for item in pair for leaf in leaves(item))
+        elif isinstance(obj, list | tuple):
+            yield from (leaf for item in obj for leaf in leaves(item))
+        else:
+            yield obj
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    kinds = {type(leaf) for leaf in leaves(ckpt)}
+    assert kinds <= {torch.Tensor, str, bool, int, float, type(None)}, kinds
+
+
 def test_training_lowers_the_loss(tmp_path):
     """40 steps at a high learning rate: the loss on held-out images, at fixed t and noise, must drop."""
     module, cfg = run(
