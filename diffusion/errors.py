@@ -27,7 +27,9 @@ def reported(*also: type[Exception]) -> Iterator[None]:
     except Exception as error:
         if not _is_user_error(error, also) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        # A UsageError raised while Hydra built an object already says what to fix: without Hydra's wrapping.
+        said = error.__cause__ if isinstance(error.__cause__, UsageError) else error
+        message = " ".join(line.strip() for line in str(said).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 

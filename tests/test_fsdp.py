@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from diffusion import checkpoints
-from diffusion.strategies import shard_unets
+from diffusion.strategies import FSDP, shard_unets
 from diffusion.training import DiffusionModule, ema_update
 from diffusion.unet import ResBlock, UNet
 
@@ -176,3 +176,20 @@ def test_shard_unets_shards_network_and_ema_alike_and_keeps_them_sharded(tmp_pat
             assert isinstance(e, DTensor) and torch.allclose(e.full_tensor(), p.full_tensor() - 0.5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("version", ["2.7.1+cu126", "2.8.0"])
+def test_fsdp_on_a_torch_that_shards_wrongly_is_refused_in_one_line(tmp_path, entry_point, monkeypatch, version):
+    monkeypatch.setattr(torch, "__version__", version)
+    code, stderr = entry_point("train.py", f"hydra.run.dir={tmp_path}", *TINY, "trainer=cpu_fsdp")
+    assert code == 1 and "Traceback" not in stderr
+    (said,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert said.startswith(f"error: trainer=fsdp needs torch >= 2.9 (this is torch {version},")  # not Hydra's wrapping
+    assert said.endswith("upgrade torch, or use trainer=ddp")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("version", ["2.9.0a0+git5e8c1f2", "2.9.1", "2.10.0", "3.0.0"])
+def test_fsdp_is_built_on_a_torch_that_shards_right(monkeypatch, version):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert isinstance(FSDP(), FSDP)
