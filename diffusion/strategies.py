@@ -21,12 +21,17 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from .errors import UsageError
 from .unet import ResBlock, UNet
 
-__all__ = ["FSDP", "shard_unets", "MIN_TORCH"]
+__all__ = ["FSDP", "shard_unets", "MIN_TORCH", "torch_shards_right"]
 
 # FSDP2 as used here, checked with the tests' two CPU processes against DDP: torch 2.7 refuses the EMA's update of a
 # sharded network (mixed Tensor and DTensor in _foreach_lerp_), torch 2.8's sharded gradient norms came out twice
 # DDP's; from 2.9 on (checked: 2.9.1, 2.11, 2.14) every step matches.
 MIN_TORCH = (2, 9)
+
+
+def torch_shards_right() -> bool:
+    """Whether this torch's FSDP2 is one that trains here as DDP does (MIN_TORCH or later)."""
+    return Version(torch.__version__).release[:2] >= MIN_TORCH
 
 
 def shard_unets(module: nn.Module, mesh: DeviceMesh) -> None:
@@ -58,7 +63,7 @@ class FSDP(ModelParallelStrategy):
     """
 
     def __init__(self, process_group_backend: str | None = None, timeout: timedelta = default_pg_timeout) -> None:
-        if Version(torch.__version__).release[:2] < MIN_TORCH:
+        if not torch_shards_right():
             raise UsageError(
                 f"trainer=fsdp needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is torch {torch.__version__}, "
                 "whose FSDP2 trains wrongly here: see diffusion/strategies.py): upgrade torch, or use trainer=ddp"

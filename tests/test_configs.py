@@ -7,12 +7,12 @@ import shlex
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion.precision import resolve_precision
-from diffusion.strategies import FSDP
+from diffusion.strategies import FSDP, torch_shards_right
 
 from .conftest import CONF, ROOT, compose_config
 
@@ -66,13 +66,15 @@ def test_optim_configs_build_partial_optimizers(name, tmp_path):
 def test_trainer_configs_compose_and_cpu_ones_build(name, tmp_path):
     cfg = compose_config("train", [f"trainer={name}"], tmp_path)
     assert cfg.trainer.max_steps == 800000 and cfg.trainer.use_distributed_sampler is False
-    if cfg.trainer.accelerator == "gpu":  # no GPU here: build the strategy object, not a whole Trainer
-        if OmegaConf.is_dict(cfg.trainer.get("strategy")):
-            strategy = instantiate(cfg.trainer.strategy)
-            assert name != "fsdp" or isinstance(strategy, FSDP)
-        return
-    trainer = instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator))
-    assert trainer.max_steps == 800000
+    gpu = cfg.trainer.accelerator == "gpu"  # no GPU here: build the strategy object, not a whole Trainer
+    if "fsdp" in name and not torch_shards_right():  # refused where FSDP2 would train wrongly (strategies.MIN_TORCH)
+        with pytest.raises(InstantiationException, match="trainer=fsdp needs torch >= 2.9"):
+            instantiate(cfg.trainer.strategy)
+    elif gpu and OmegaConf.is_dict(cfg.trainer.get("strategy")):
+        assert name != "fsdp" or isinstance(instantiate(cfg.trainer.strategy), FSDP)
+    elif not gpu:
+        precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        assert instantiate(cfg.trainer, precision=precision).max_steps == 800000
 
 
 @pytest.mark.parametrize("name", options("logger"))
