@@ -23,9 +23,10 @@ from .unet import ResBlock, UNet
 
 __all__ = ["FSDP", "shard_unets", "MIN_TORCH", "torch_shards_right"]
 
-# FSDP2 as used here, checked with the tests' two CPU processes against DDP: torch 2.7 refuses the EMA's update of a
-# sharded network (mixed Tensor and DTensor in _foreach_lerp_), torch 2.8's sharded gradient norms came out twice
-# DDP's; from 2.9 on (checked: 2.9.1, 2.11, 2.14) every step matches.
+# FSDP2 as used here, checked with the tests' two CPU processes against DDP: torch 2.6 cannot shard on CPU processes,
+# 2.7 refuses the EMA's update of a sharded network (mixed Tensor and DTensor in _foreach_lerp_), 2.8's sharded
+# gradient norms came out twice DDP's (gloo; NCCL unchecked); from 2.9 on (checked: 2.9.1, 2.11, 2.14) every step
+# matches. Older versions are refused rather than trusted untested.
 MIN_TORCH = (2, 9)
 
 
@@ -66,7 +67,8 @@ class FSDP(ModelParallelStrategy):
         if not torch_shards_right():
             raise UsageError(
                 f"trainer=fsdp needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is torch {torch.__version__}, "
-                "whose FSDP2 trains wrongly here: see diffusion/strategies.py): upgrade torch, or use trainer=ddp"
+                "whose FSDP2 failed our check against DDP: see diffusion/strategies.py): upgrade torch, or use "
+                "trainer=ddp"
             )
         super().__init__(
             save_distributed_checkpoint=False, process_group_backend=process_group_backend, timeout=timeout
