@@ -67,7 +67,7 @@ def test_trainer_configs_compose_and_cpu_ones_build(name, tmp_path):
     cfg = compose_config("train", [f"trainer={name}"], tmp_path)
     assert cfg.trainer.max_steps == 800000 and cfg.trainer.use_distributed_sampler is False
     gpu = cfg.trainer.accelerator == "gpu"  # no GPU here: build the strategy object, not a whole Trainer
-    if "fsdp" in name and not torch_shards_right():  # refused where FSDP2 would train wrongly (strategies.MIN_TORCH)
+    if "fsdp" in name and not torch_shards_right():  # refused below strategies.MIN_TORCH
         with pytest.raises(InstantiationException, match="trainer=fsdp needs torch >= 2.9"):
             instantiate(cfg.trainer.strategy)
     elif gpu and OmegaConf.is_dict(cfg.trainer.get("strategy")):
