@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .errors import UsageError
+
 __all__ = ["wandb", "has_wandb_credentials", "go_offline_without_credentials", "go_offline_without_server",
            "reachable", "base_url", "finish_wandb"]  # fmt: skip
 
@@ -105,8 +107,8 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
     `id` names the W&B run: a resumed training run passes the id from its checkpoint, so its charts continue.
     """
     if importlib.util.find_spec("wandb") is None:
-        raise ModuleNotFoundError("logger=wandb needs W&B, which is not installed: `pip install wandb`, or log to CSV "
-                                  "with logger=csv (or logger=none)")  # fmt: skip
+        raise UsageError("logger=wandb needs W&B, which is not installed: `pip install wandb`, or log to CSV with "
+                         "logger=csv (or logger=none)")  # fmt: skip
     go_offline_without_credentials(save_dir)
     go_offline_without_server(save_dir, connect_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from diffusion import loggers
+from diffusion.errors import UsageError
 from train import train
 
 from .conftest import TINY_RUN, compose_config
@@ -89,7 +90,7 @@ def test_a_run_that_logs_elsewhere_never_imports_wandb(tmp_path, monkeypatch):
 def test_wandb_not_installed_says_how_to_install_it_or_log_elsewhere(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    with pytest.raises(ModuleNotFoundError, match=r"not installed: `pip install wandb`, or .* logger=csv"):
+    with pytest.raises(UsageError, match=r"not installed: `pip install wandb`, or .* logger=csv"):
         loggers.wandb(str(tmp_path))
     assert "WANDB_MODE" not in os.environ  # refused before announcing an offline run
 
