@@ -14,6 +14,7 @@ from diffusion import checkpoints, loggers, precision, resume
 from diffusion.consistency_module import ConsistencyModule, adopt_teacher
 from diffusion.errors import reported
 from diffusion.launch import job_environment
+from diffusion.options import check_optimizer, check_train_options
 from diffusion.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
 from diffusion.training import DiffusionModule
 
@@ -21,28 +22,35 @@ from diffusion.training import DiffusionModule
 def train(cfg: DictConfig) -> DiffusionModule:
     """Build data, model, module, logger and trainer from `cfg` and fit; returns the trained module.
 
-    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run.
-    With a `consistency:` section (experiment=cd, ct, pcm) the module is a ConsistencyModule."""
+    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run, its
+    sections built through diffusion.registry. With a `consistency:` section (experiment=cd, ct, pcm) the module is
+    a ConsistencyModule, bound to its teacher's weights."""
+    overrides, checkpoint, from_file = resume.command_line_overrides(), None, frozenset()
     if cfg.resume:
-        for line in resume.continue_run(cfg, checkpoints.load(cfg.resume)["config"], resume.command_line_overrides()):
+        checkpoint = checkpoints.load(cfg.resume, option="resume")
+        continued = resume.continue_run(cfg, checkpoint["config"], overrides)
+        for line in continued.notes:
             rank_zero_info(f"resume: {line}")
+        from_file = continued.from_file
     cfg.run_id = cfg.run_id or os.urandom(4).hex()
-    teacher = adopt_teacher(cfg) if cfg.get("consistency") else None  # CD: the teacher's model and schedule
+    check_train_options(cfg)
+    teacher = adopt_teacher(cfg, resume.explicit_keys(overrides or [])) if cfg.get("consistency") else None
+    build = resume.builder(cfg, from_file | ({"model", "schedule"} if teacher is not None else set()))
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
-    # Plain Python arguments: torch 2.6's Adam keeps `betas` as given, and a ListConfig in its state would make every
-    # checkpoint unreadable under torch.load(weights_only=True).
-    optimizer = instantiate(cfg.optim, _convert_="all")
+    optimizer = check_optimizer(build("optim"))
     plan = precision.plan_step(cfg.trainer, cfg.module, optimizer)  # refuses what would crash at step 1
     rank_zero_info(f"training step: {plan}")
 
     L.seed_everything(cfg.seed, verbose=False)  # same initial weights on every rank
-    schedule = instantiate(cfg.schedule)
+    schedule = build("schedule")
     kind, extra = (ConsistencyModule, {"teacher": teacher, **cfg.consistency}) if cfg.get("consistency") else (
         DiffusionModule, {})  # fmt: skip
     module = kind(
-        instantiate(cfg.model), schedule, optimizer, **{**cfg.module, "grad_clip": plan.grad_clip},
+        build("model"), schedule, optimizer, **{**cfg.module, "grad_clip": plan.grad_clip},
         fused=plan.fused, config=config, **extra,
     )  # fmt: skip
+    if checkpoint is not None:  # before Lightning, whose own errors for these are pages long
+        checkpoints.check_resumable(checkpoint, module, cfg.resume)
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(config)  # the full resolved config, as the run's W&B config
@@ -50,11 +58,11 @@ def train(cfg: DictConfig) -> DiffusionModule:
         cfg.trainer,
         precision=plan.precision,
         logger=logger,
-        callbacks=[instantiate(c) for c in (cfg.callbacks or {}).values()],
+        callbacks=[build(f"callbacks.{name}") for name in cfg.callbacks or {}],
         plugins=[checkpoints.AtomicCheckpointIO()],
     )
     try:
-        trainer.fit(module, datamodule=instantiate(cfg.data), ckpt_path=cfg.resume)
+        trainer.fit(module, datamodule=build("data"), ckpt_path=cfg.resume)
     finally:
         loggers.finish_wandb()
     return module

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import registry
 from .analytic import check_gamma, data_variance, estimate_gamma
+from .checkpoints import weights_digest
 from .errors import UsageError
 from .samplers import Model
 from .schedule import Schedule
@@ -40,7 +41,7 @@ def cached_gamma(model: Model, schedule: Schedule, images: Callable[[], Tensor],
     and checked inside the file, so an overwritten last.ckpt, the other weights (EMA or raw), another M or an older
     format never reuse it. A file that fails the checks is refused, said so, and rebuilt.
     """
-    key = json.dumps({"weights": _weights_hash(model), "schedule": _hash(schedule.alphas_cumprod),
+    key = json.dumps({"weights": weights_digest(model), "schedule": _hash(schedule.alphas_cumprod),
                       "data": data, "M": M, "seed": seed, "format": FORMAT}, sort_keys=True)  # fmt: skip
     path = Path(f"{path_stem}.gamma.M{M}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     if path.exists():
@@ -92,15 +93,6 @@ def _write(path: Path, gamma: Tensor, data_var: float, key: str) -> None:
 
 def _hash(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over every entry of the state dict: its name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        h.update(_hash(value.reshape(-1)).encode())
-    return h.hexdigest()
 
 
 def training_images(data: Mapping, M: int, seed: int, where: str = "data") -> Tensor:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
 
 from . import registry
 from .errors import UsageError
 
-__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "newest"]
+__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "check_state",
+           "check_resumable", "weights_digest", "newest"]  # fmt: skip
 
 
 class CheckpointError(UsageError):
@@ -38,6 +43,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: Any = None) -> dict:
+        """What Lightning resumes from, read by the same loader as sample.py's (`load`): data only, checked."""
+        return load(path, option="resume")
 
 
 class Checkpoints(L.Callback):
@@ -102,7 +111,7 @@ class Checkpoints(L.Callback):
         if not _all_finite(trainer, pl_module):
             rank_zero_warn(f"step {trainer.global_step}: the weights are not finite; {path} is left as it was")
             return False
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole run: weights, optimizer, loops, callbacks
         return True
 
 
@@ -135,18 +144,40 @@ def _running(pid: int) -> bool:
     return True
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one of our checkpoints on the CPU without unpickling arbitrary objects (weights_only)."""
+def load(path: str | os.PathLike, option: str = "ckpt") -> dict[str, Any]:
+    """Read one of our checkpoints on the CPU as data: tensors and plain values only (weights_only), from an archive
+    that cannot inflate past its size, with a config that OmegaConf cannot resolve into code (plain.check_file_data).
+
+    `option` names the command-line option that gave the path (ckpt, resume, teacher), for the messages."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: pass ckpt=PATH to a .ckpt file written by train.py")
+        raise CheckpointError(f"no checkpoint at {path}: pass {option}=PATH to a .ckpt file written by train.py")
+    _check_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, a foreign pickle, or not a torch file at all
-        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'state_dict' and 'config' entries)")
+    registry.check_file_data(checkpoint["config"], str(path), "config")
     return checkpoint
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a file that torch.load could inflate past its own size: torch.save writes a zip archive of stored
+    (uncompressed) members, so compressed or overlapping members are not ours (a 2.6 MB deflated file held 1 GiB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"cannot read {path} as a checkpoint: it is not a torch.save archive ({error})") from None
+    packed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise CheckpointError(f"{path} holds a compressed member ({packed}), which torch.save never writes; refusing "
+                              "it, as it could inflate to far more memory than the file's size")  # fmt: skip
+    if sum(m.file_size for m in members) > path.stat().st_size:
+        raise CheckpointError(f"{path}'s members add up to more than the file's size (they overlap): not a "
+                              "torch.save archive; refusing it")  # fmt: skip
 
 
 def newest(root: str | os.PathLike, name: str = "last.ckpt") -> Path | None:
@@ -164,30 +195,101 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
     eps carries x_t to the consistency function's output (sample it with sampler=consistency).
 
     Returns (model, schedule). Both are built through diffusion.registry: the config may only name this project's
-    own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else.
+    own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else. The network is
+    built on the meta device and checked against the weights before any memory is taken, so a config that asks for
+    a network the weights do not hold (a width of 200,000) is refused instead of allocated.
     """
     config = checkpoint["config"]
     for key in ("model", "schedule"):
         if not isinstance(config, dict) or not isinstance(config.get(key), dict):
             raise CheckpointError(f"the checkpoint's config has no '{key}' section: it was not written by train.py")
-    model = registry.build("model", config["model"], where="checkpoint config model")
+    with torch.device("meta"):
+        model = registry.build("model", config["model"], where="checkpoint config model")
     schedule = registry.build("schedule", config["schedule"], where="checkpoint config schedule")
     prefix = "ema." if use_ema else "model."
+    if not isinstance(checkpoint["state_dict"], dict):
+        raise CheckpointError("the checkpoint's state_dict is not a mapping of weights: it was not written by train.py")
     state = {
         k[len(prefix) :].replace("_orig_mod.", ""): v
         for k, v in checkpoint["state_dict"].items()
-        if k.startswith(prefix)
+        if isinstance(k, str) and k.startswith(prefix)
     }
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"the checkpoint's {prefix[:-1]} weights do not fit its model config: {error}") from None
+    expected = model.state_dict()
+    check_state(expected, state, f"the checkpoint's {prefix[:-1]} weights", "its model config")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     model, schedule = model.to(device).eval().requires_grad_(False), schedule.to(device)
     if config.get("consistency") is not None:  # a CD / CT / PCM student: f as an eps-model (any sampler can run it)
         from .consistency import ConsistencyModel
 
         return ConsistencyModel(model, schedule, _phases(config["consistency"])).to(device), schedule
     return model, schedule
+
+
+def check_state(expected: Mapping[str, Tensor], found: Mapping, what: str, against: str) -> None:
+    """CheckpointError, in one line, unless `found` holds a tensor of each name and shape in `expected` and no other
+    (what load_state_dict(strict=True) would say in a page of text, or as a TypeError for a non-tensor)."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing or extra:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []
+        raise CheckpointError(f"{what} do not fit {against}: {', '.join(parts)}")
+    for name, want in expected.items():
+        have = found[name]
+        if not isinstance(have, Tensor) or not (have.is_floating_point() or have.dtype == want.dtype):
+            kind = f"a {have.dtype} tensor" if isinstance(have, Tensor) else f"a {type(have).__name__}"
+            raise CheckpointError(f"{what} do not fit {against}: {name} is {kind}, not {want.dtype} weights")
+        if have.shape != want.shape:
+            raise CheckpointError(
+                f"{what} do not fit {against}: {name} is {list(have.shape)} there, {list(want.shape)} here"
+            )
+
+
+# What Lightning needs to continue a run, beside the weights: without `loops` it would start again at step 0.
+RESUME_KEYS = ("loops", "optimizer_states", "lr_schedulers", "global_step", "epoch")
+
+
+def check_resumable(checkpoint: dict[str, Any], module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """CheckpointError, in one line, unless `checkpoint` can continue training `module`: the progress Lightning
+    restores (RESUME_KEYS), every weight of the module (check_state) and an optimizer state that fits them."""
+    absent = [k for k in RESUME_KEYS if k not in checkpoint]
+    if absent or not isinstance(checkpoint.get("loops"), dict) or "fit_loop" not in checkpoint["loops"]:
+        missing = absent[0] if absent else "loops.fit_loop"
+        raise CheckpointError(
+            f"{path} cannot be resumed: it has no '{missing}' (the training progress train.py's checkpoints hold); "
+            f"sample from it with `python sample.py ckpt={path}`, or start a new run without resume="
+        )
+    check_state(module.state_dict(), checkpoint["state_dict"], f"{path}'s weights", "this run's model")
+    states = checkpoint["optimizer_states"]
+    params = list(module.model.parameters()) if hasattr(module, "model") else list(module.parameters())
+    ok = isinstance(states, list) and len(states) == 1 and isinstance(states[0], dict)
+    groups = states[0].get("param_groups") if ok else None
+    ids = [i for g in groups for i in g.get("params", ())] if isinstance(groups, list) else []
+    ok = ok and isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and len(ids) == len(params)
+    state = states[0].get("state") if ok else None
+    ok = ok and isinstance(state, dict)
+    for key, slots in state.items() if ok else ():
+        index = ids.index(key) if key in ids else None
+        ok = ok and index is not None and isinstance(slots, dict)
+        for value in slots.values() if ok else ():
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape != params[index].shape:
+                ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{path}'s optimizer state does not fit this run's {len(params)} parameters: it was not written by "
+            "train.py for this model; start a new run without resume= (its weights: sample.py ckpt=...)"
+        )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every entry of a module's state dict, in name order: its name, dtype, shape and bytes. Names a
+    network's weights: a teacher (diffusion.consistency_module), a Gamma cache (diffusion.analytic_cache)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        h.update(hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest().encode())
+    return h.hexdigest()
 
 
 def _phases(section: Any) -> int:

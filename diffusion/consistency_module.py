@@ -10,12 +10,14 @@ student's checkpoint, and its model and schedule become the run's, so the studen
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from . import consistency as cm
@@ -73,10 +75,15 @@ def lpips_distance(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the teacher
-def adopt_teacher(cfg: DictConfig) -> nn.Module | None:
+def adopt_teacher(cfg: DictConfig, explicit: Iterable[str] = ()) -> nn.Module | None:
     """Load cfg.teacher (a .ckpt of train.py, or a diffusers folder) for CD; make its model and schedule the run's
-    (cfg.model, cfg.schedule), so the student is built as the teacher and the checkpoint loads like any other.
-    Returns the teacher (eval, frozen) or None for CT."""
+    (cfg.model, cfg.schedule), so the student is built as the teacher and the checkpoint loads like any other, and
+    bind the run to it: cfg.teacher_digest is its weights' digest, recorded in every checkpoint; a run that has one
+    (resumed, or asked for) refuses a teacher with other weights, wherever it now lies.
+
+    Refused in one line: `explicit` keys (those the command line sets) that set the model or schedule to something
+    else than the teacher's, and data of another size or channel count than the teacher's. Returns the teacher
+    (eval, frozen), or None for CT."""
     method = cfg.consistency.get("method")
     if method != "cd":
         if cfg.get("teacher"):
@@ -96,16 +103,70 @@ def adopt_teacher(cfg: DictConfig) -> nn.Module | None:
     else:
         from . import checkpoints
 
-        saved = checkpoints.load(path)["config"]
+        checkpoint = checkpoints.load(path, option="teacher")
+        saved = checkpoint["config"]
         if isinstance(saved, dict) and saved.get("consistency"):
             raise UsageError(f"teacher={path} is a consistency model: distil from a diffusion model's checkpoint")
-        net, schedule = checkpoints.load_model(checkpoints.load(path), use_ema=True)
+        net, schedule = checkpoints.load_model(checkpoint, use_ema=True)
         model_cfg, schedule_cfg = saved["model"], saved["schedule"]
     registry.check("model", model_cfg, where=f"teacher {path} model")
     registry.check("schedule", schedule_cfg, where=f"teacher {path} schedule")
+    digest = _bind(cfg, net, path)
+    _check_against_teacher(cfg, model_cfg, schedule_cfg, net, path, explicit)
     with open_dict(cfg):
-        cfg.model, cfg.schedule = model_cfg, schedule_cfg
+        cfg.model, cfg.schedule, cfg.teacher_digest = model_cfg, schedule_cfg, digest
     return net.eval().requires_grad_(False)
+
+
+def _bind(cfg: DictConfig, net: nn.Module, path: Path) -> str:
+    """The digest of the teacher's weights, checked against the run's own (cfg.teacher_digest) when it has one."""
+    from .checkpoints import weights_digest
+
+    digest, recorded = weights_digest(net), cfg.get("teacher_digest")
+    if recorded is not None and digest != recorded:
+        raise UsageError(
+            f"teacher={path} is not this run's teacher: its weights' digest is {digest[:12]}..., the run was "
+            f"distilled from {recorded[:12]}... (the file at that path has changed, e.g. a teacher run that kept "
+            "training); pass teacher=PATH to the original weights, or start a new run without resume="
+        )
+    if recorded is None and cfg.get("resume"):
+        rank_zero_warn(
+            f"the checkpoint does not record its teacher's digest (written before teachers were bound): taking "
+            f"{path} as the teacher, digest {digest[:12]}..., recorded from now on"
+        )
+    return digest
+
+
+def _check_against_teacher(cfg: DictConfig, model_cfg: dict, schedule_cfg: dict, net: nn.Module, path: Path,
+                           explicit: Iterable[str]) -> None:  # fmt: skip
+    """UsageError naming what the command line or the data would change of the student, which is the teacher."""
+    keys = [k for k in explicit if k.split(".")[0] in ("model", "schedule")]
+    today = {"model": OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {},
+             "schedule": OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else {}}  # fmt: skip
+    teacher = {"model": model_cfg, "schedule": schedule_cfg}
+    conflicts = []
+    for key in sorted(set(keys)):
+        section, _, name = key.partition(".")
+        ours = OmegaConf.select(OmegaConf.create(today), key) if name else today[section]
+        theirs = OmegaConf.select(OmegaConf.create(teacher), key) if name else teacher[section]
+        if ours != theirs:
+            conflicts.append(f"{key}={_short(ours)} (the teacher's: {_short(theirs)})")
+    size, channels = cfg.data.get("image_size"), cfg.data.get("channels", 3)
+    if size != net.resolution:
+        conflicts.append(f"data.image_size={size} (the teacher takes {net.resolution}x{net.resolution} images)")
+    if channels != net.in_channels:
+        conflicts.append(f"data.channels={channels} (the teacher takes {net.in_channels})")
+    if conflicts:
+        raise UsageError(
+            f"the student of teacher={path} is the teacher's network on the teacher's data, but this run asks for "
+            + "; ".join(conflicts)
+            + ": drop those overrides, or distil another teacher"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unet_config(net: nn.Module) -> dict[str, Any]:

@@ -26,11 +26,12 @@ import torch
 from .errors import UsageError, reported
 from .images import to_uint8
 from .inception import Extractor, Inception, WeightsNotFoundError, describe, inception_features, parse_device
+from .plain import check_file_data
 
 # The feature extractor lives in diffusion.inception; re-exported because FID callers need it with the rest.
-__all__ = ["WeightsNotFoundError", "Inception", "FIDResult", "frechet_distance", "stats", "save_stats", "load_stats",
-           "inception_features", "reference_stats", "reference_stats_for", "data_config", "fid_from_npz",
-           "main"]  # fmt: skip
+__all__ = ["WeightsNotFoundError", "Inception", "FIDResult", "frechet_distance", "check_gaussian", "stats",
+           "save_stats", "load_stats", "inception_features", "reference_stats", "reference_stats_for", "data_config",
+           "fid_from_npz", "main"]  # fmt: skip
 
 CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
 Stats = tuple[np.ndarray, np.ndarray, dict]  # mu [D], sigma [D, D], metadata
@@ -48,12 +49,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     for i, mu, sigma in ((1, mu1, sigma1), (2, mu2, sigma2)):
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise ValueError(f"mu{i} must be [D] and sigma{i} [D, D], got {mu.shape} and {sigma.shape}")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"mu{i} or sigma{i} has NaN or infinite entries")
-        if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * np.abs(sigma).max()):
-            raise ValueError(f"sigma{i} is not symmetric: it is not a covariance matrix")
+        check_gaussian(mu, sigma, f"mu{i}", f"sigma{i}")
     if len(mu1) != len(mu2):
         raise ValueError(f"the statistics have {len(mu1)} and {len(mu2)} features: they come from different extractors")
     w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
@@ -62,6 +58,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     trace_sqrt = np.sqrt(_clip_psd(np.linalg.eigvalsh((m + m.T) / 2), "sigma2")).sum()
     diff = mu1 - mu2
     return max(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt), 0.0)
+
+
+def check_gaussian(mu: np.ndarray, sigma: np.ndarray, mu_name: str = "mu", sigma_name: str = "sigma") -> None:
+    """ValueError unless mu is [D] and sigma [D, D], both finite and sigma symmetric (a Frechet distance's input)."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{mu_name} must be [D] and {sigma_name} [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{mu_name} or {sigma_name} has NaN or infinite entries")
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * np.abs(sigma).max()):
+        raise ValueError(f"{sigma_name} is not symmetric: it is not a covariance matrix")
 
 
 def _clip_psd(w: np.ndarray, name: str) -> np.ndarray:
@@ -101,7 +107,16 @@ def load_stats(path: str | os.PathLike) -> Stats:
             "holds mu [D] and sigma [D, D], as pytorch-fid --save-stats writes"
         )
     meta = {k: v.item() for k, v in arrays.items() if k not in ("mu", "sigma") and v.ndim == 0}
-    return arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), meta
+    check_file_data(meta, str(path), "metadata")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+        raise UsageError(f"{path}: mu and sigma are {mu.dtype} and {sigma.dtype}, not numbers")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    try:
+        check_gaussian(mu, sigma)
+    except ValueError as error:
+        raise UsageError(f"{path} holds unusable reference statistics: {error}") from None
+    return mu, sigma, meta
 
 
 def _read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
-"""sample.py's options, checked before any model is loaded: every bad value named with its fix, all in one line.
+"""The entry points' options, checked before any model is loaded: every bad value named with its fix, in one line.
 
-What needs the model waits for it: steps <= T (the model's T), the sampler's and DeepCache's own value checks.
+sample.py: `check_options`; what needs the model waits for it: steps <= T (the model's T), the sampler's and
+DeepCache's own value checks. train.py: `check_train_options` and `check_optimizer`, before the first step (where
+Lightning, the DataLoader and torch.optim would fail with a ZeroDivisionError or a ValueError mid-setup).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .analytic_cache import takes_gamma
 from .errors import UsageError
 from .generation import PRECISIONS
 
-__all__ = ["check_options"]
+__all__ = ["check_options", "check_train_options", "check_optimizer"]
 
 FLAGS = ("use_ema", "grid", "png", "fid", "overwrite")
 
@@ -116,3 +118,45 @@ def _keyword_problems(group: str, node) -> list[str]:
     name = getattr(partial.func, "__name__", group)
     return [f"{group}.{key} is not an option of {name}: its options are {', '.join(options)}"
             for key in partial.keywords if key not in parameters]  # fmt: skip
+
+
+# ---------------------------------------------------------------- train.py
+
+
+def check_train_options(cfg: Mapping) -> None:
+    """Raise one UsageError listing every bad trainer and data count of conf/train.yaml."""
+    problems = []
+    trainer, data = cfg.get("trainer") or {}, cfg.get("data") or {}
+
+    def whole(where: str, value, low: int, meaning: str, allowed: tuple = ()) -> None:
+        if value in allowed and not isinstance(value, bool):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{where}={value!r}: use a whole number >= {low} ({meaning})")
+
+    whole("data.batch_size", data.get("batch_size"), 1, "images per step on each process, e.g. 128")
+    whole("data.num_workers", data.get("num_workers", 0), 0, "DataLoader processes; 0 loads in the main process")
+    whole("trainer.max_steps", trainer.get("max_steps"), 1, "optimizer steps to train for; -1: no end", (-1,))
+    whole("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 50), 1, "steps between logged metrics")
+    interval = trainer.get("val_check_interval")
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
+            problems.append(f"trainer.val_check_interval={interval!r}: use a whole number of steps >= 1 (e.g. 5000)")
+        elif isinstance(interval, float) and interval > 1:
+            problems.append(f"trainer.val_check_interval={interval!r}: a fraction lies in (0, 1]; steps are whole "
+                            "numbers (e.g. 5000)")  # fmt: skip
+    limit = trainer.get("limit_val_batches")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0):
+        problems.append(f"trainer.limit_val_batches={limit!r}: use a number of batches >= 0 (0: no validation)")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def check_optimizer(optimizer):
+    """`optimizer` (a partial: parameters -> torch.optim.Optimizer), once built on a probe parameter: torch's own
+    checks (a negative lr, betas outside [0, 1)) say what is wrong now, not from inside Lightning's setup."""
+    try:
+        optimizer([torch.zeros(1, requires_grad=True)])
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"optim: {error} (e.g. optim.lr=2e-4, optim.betas=[0.9,0.999])") from None
+    return optimizer

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import UsageError, reported
+from .plain import check_file_data
 from .schedule import Schedule, cosine, linear, quadratic, sigmoid
 from .unet import NORM_EPS, Attention, UNet
 
@@ -36,6 +37,7 @@ __all__ = ["load", "unet_from_config", "schedule_from_config", "to_diffusers", "
            "export", "export_checkpoint"]  # fmt: skip
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+MAX_JSON_BYTES = 1 << 20  # config.json and scheduler_config.json are a few KB (trained_betas: ~20 KB)
 DIFFUSERS_VERSION = "0.30.0"  # recorded in the configs we write, as diffusers does; checked with diffusers 0.42
 HOW_TO_GET = (
     "download one with `hf download google/ddpm-cifar10-32 --local-dir DIR` (`huggingface-cli download` with "
@@ -236,12 +238,19 @@ def schedule_from_config(config: dict, where: str | Path = "scheduler_config.jso
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a diffusers folder, as data: plain values, bounded in depth and size, no `${`
+    (plain.check_file_data), so nothing read here can become code or a recursion or memory bomb."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise UsageError(f"{path} is {path.stat().st_size} bytes: a diffusers config is a few KB; not reading it")
     try:
         config = json.loads(path.read_text())
+    except RecursionError:
+        raise UsageError(f"{path} nests too deep to be a diffusers config") from None
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot read {path} as JSON ({error})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path} is not a JSON object")
+    check_file_data(config, str(path))
     return config
 
 

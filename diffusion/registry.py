@@ -20,11 +20,12 @@ import torch
 
 from .data import CIFAR10, CelebA, ImageFolder
 from .errors import UsageError
+from .plain import UnsafeConfigError, check_file_data, check_plain, is_plain
 from .schedule import cosine, linear, quadratic, sigmoid
 from .synthetic import Mixture, Synthetic
 from .unet import UNet
 
-__all__ = ["REGISTRY", "UnsafeConfigError", "build", "check", "check_plain", "is_plain"]
+__all__ = ["REGISTRY", "UnsafeConfigError", "build", "check", "check_file_data", "check_plain", "is_plain"]
 
 # kind -> {the `_target_` conf/ writes: the object it builds}
 REGISTRY: dict[str, dict[str, Callable]] = {
@@ -46,23 +47,18 @@ REGISTRY: dict[str, dict[str, Callable]] = {
 }
 # Kinds built as a functools.partial, as conf/optim's `_partial_: true`: the caller passes these arguments later.
 PARTIAL = {"optim": ("params",)}
-SCALARS = (type(None), bool, int, float, str)
-NUMBERS = (int, float)
-MAX_DEPTH = 4  # lists in lists: enough for any shape or milestone list, never a recursion bomb
-PLAIN = "plain values (None, bool, int, float, str, or lists of them)"
 
 
-class UnsafeConfigError(UsageError):
-    """A config read from a file that names something outside the registry or passes more than plain values."""
-
-
-def build(kind: str, config: Mapping, *, where: str | None = None) -> Any:
-    """The object `config` describes, from REGISTRY[kind] with checked plain arguments (a partial for "optim").
+def build(
+    kind: str, config: Mapping, *, where: str | None = None, builders: Mapping[str, Callable] | None = None
+) -> Any:
+    """The object `config` describes, from REGISTRY[kind] (or `builders`, a table of a higher layer's own, such as
+    train.py's callbacks) with checked plain arguments (a partial for "optim").
 
     `where` names the config in messages, e.g. "checkpoint config model" (default: `kind`)."""
-    kwargs = check(kind, config, where=where)
+    kwargs = check(kind, config, where=where, builders=builders)
     where, target = where or kind, config["_target_"]
-    builder = REGISTRY[kind][target]
+    builder = (REGISTRY[kind] if builders is None else builders)[target]
     if kind in PARTIAL:
         return functools.partial(builder, **kwargs)
     try:
@@ -71,18 +67,22 @@ def build(kind: str, config: Mapping, *, where: str | None = None) -> Any:
         raise UsageError(f"cannot build {where} ({target}) from its config: {error}") from error
 
 
-def check(kind: str, config: Mapping, *, where: str | None = None) -> dict:
-    """The keyword arguments `config` gives REGISTRY[kind][config["_target_"]], or UnsafeConfigError naming the key."""
-    if kind not in REGISTRY:
+def check(
+    kind: str, config: Mapping, *, where: str | None = None, builders: Mapping[str, Callable] | None = None
+) -> dict:
+    """The keyword arguments `config` gives REGISTRY[kind][config["_target_"]] (or builders[...]), or
+    UnsafeConfigError naming the key."""
+    if builders is None and kind not in REGISTRY:
         raise ValueError(f"unknown kind {kind!r}: the registry holds {', '.join(REGISTRY)}")
+    table = REGISTRY[kind] if builders is None else builders
     where = where or kind
     if not isinstance(config, Mapping):
         raise UnsafeConfigError(f"{where} is a {type(config).__name__}, not a mapping with _target_ and arguments")
-    names = ", ".join(REGISTRY[kind])
+    names = ", ".join(table)
     target = config.get("_target_")
     if target is None:
         raise UnsafeConfigError(f"{where}._target_ is missing: name one of: {names}")
-    if type(target) is not str or target not in REGISTRY[kind]:
+    if type(target) is not str or target not in table:
         raise UnsafeConfigError(
             f"{where}._target_={target!r} is not one of: {names} (a config read from a file can only name this "
             "project's own builders, never an import path)"
@@ -99,7 +99,7 @@ def check(kind: str, config: Mapping, *, where: str | None = None) -> dict:
             f"{keys}: Hydra's special keys (other than _target_) are refused in a config read from a file, as they "
             "would build or call more than the named object; remove them"
         )
-    parameters = _parameters(REGISTRY[kind][target], skip=PARTIAL.get(kind, ()))
+    parameters = _parameters(table[target], skip=PARTIAL.get(kind, ()))
     arguments = {k: v for k, v in config.items() if not k.startswith("_")}
     unknown = [k for k in arguments if k not in parameters]
     if unknown:
@@ -111,31 +111,6 @@ def check(kind: str, config: Mapping, *, where: str | None = None) -> dict:
     if missing:
         raise UnsafeConfigError(f"{where} lacks {', '.join(missing)}, which {target} needs")
     return copy.deepcopy(arguments)  # plain values only, so the copy runs no code
-
-
-def is_plain(value: Any) -> bool:
-    """True for the values a config read from a file may hold (see check_plain)."""
-    try:
-        check_plain(value, "value")
-    except UnsafeConfigError:
-        return False
-    return True
-
-
-def check_plain(value: Any, where: str, depth: int = 0) -> None:
-    """Refuse, naming `where`, anything but None, bool, int, float, str and (nested, numbers only) lists of them."""
-    if type(value) in SCALARS:
-        if depth >= 2 and type(value) not in NUMBERS:
-            raise UnsafeConfigError(f"{where} is a {type(value).__name__} in a nested list: only numbers nest")
-        return
-    if isinstance(value, Mapping):
-        raise UnsafeConfigError(f"{where} is a mapping: arguments must be {PLAIN}, never nested configs")
-    if type(value) not in (list, tuple):
-        raise UnsafeConfigError(f"{where} is a {type(value).__name__}: arguments must be {PLAIN}")
-    if depth >= MAX_DEPTH:
-        raise UnsafeConfigError(f"{where} nests lists {MAX_DEPTH} deep: arguments must be {PLAIN}")
-    for i, item in enumerate(value):
-        check_plain(item, f"{where}[{i}]", depth + 1)
 
 
 def _parameters(builder: Callable, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:

@@ -10,20 +10,42 @@ difference is printed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import registry
+from .callbacks import FID, SampleGrid, StepProgressBar
+from .checkpoints import Checkpoints
 from .errors import UsageError
 
-__all__ = ["continue_run", "command_line_overrides"]
+__all__ = ["Continued", "continue_run", "builder", "command_line_overrides", "explicit_keys", "CALLBACKS"]
 
-RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed", "consistency", "teacher")
-OPTIONAL = ("consistency", "teacher")  # absent from checkpoints written before consistency models: null
+# The teacher's identity is its weights' digest (run-defining); its path may change when the file moves.
+RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed", "consistency", "teacher_digest")
+OPTIONAL = ("consistency", "teacher_digest")  # absent from older checkpoints: null
 REGISTRY_KINDS = ("model", "schedule", "data", "optim")
 CHANGEABLE = {"data.num_workers", "data.root", "data.download", "module.compile", "module.max_bad_steps"}
-NEVER_FROM_CHECKPOINT = {"paths", "resume", "run_id", "run_name", "hydra"}
+NEVER_FROM_CHECKPOINT = {"paths", "resume", "run_id", "run_name", "hydra", "teacher"}
+
+
+# The callbacks a checkpoint's config may bring back (one the run had that today's config lacks), by the `_target_`
+# conf/ writes: diffusion.registry builds them from this table, never from an import path.
+CALLBACKS: dict[str, Callable] = {
+    "diffusion.checkpoints.Checkpoints": Checkpoints, "diffusion.callbacks.SampleGrid": SampleGrid,
+    "diffusion.callbacks.FID": FID, "diffusion.callbacks.StepProgressBar": StepProgressBar,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Continued:
+    """What continue_run did: `notes` to print, and the config keys whose sections came from the checkpoint
+    (`from_file`: train.py builds those through diffusion.registry, never through Hydra's instantiate)."""
+
+    notes: list[str]
+    from_file: frozenset[str]
 
 
 def command_line_overrides() -> list[str] | None:
@@ -33,16 +55,17 @@ def command_line_overrides() -> list[str] | None:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | None) -> list[str]:
+def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | None) -> Continued:
     """Turn `cfg` into the config of the run that wrote `saved` plus today's allowed `overrides`; returns what was
-    taken from where, as lines to print. Raises UsageError naming every override that would change the run.
+    taken from where. Raises UsageError naming every override that would change the run.
 
-    `overrides` None (no Hydra command line): every value of `cfg` counts as asked for.
+    `overrides` None (no Hydra command line): every value of `cfg` counts as asked for. `saved` must have passed
+    diffusion.checkpoints.load (plain data, no `${`), so nothing put into `cfg` here can resolve into code.
     """
     if not isinstance(saved, dict):
         raise UsageError("the checkpoint's config is not a mapping: it was not written by train.py")
     explicit = _explicit(overrides)
-    notes, conflicts = [], []
+    notes, conflicts, from_file = [], [], set(REGISTRY_KINDS)
     today = OmegaConf.to_container(cfg, resolve=True)  # before any section is replaced
     with open_dict(cfg):
         for section in RUN_DEFINING:
@@ -71,6 +94,8 @@ def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | 
                 "resume would change the run: " + "; ".join(conflicts) + ". Drop these overrides to continue the "
                 "run as it was, or start a new run (without resume=) to train something else"
             )
+        notes += _continue_teacher(cfg, saved, explicit)
+        notes += _restore_callbacks(cfg, saved, explicit, from_file)
         for key, ours, theirs in _settings_to_continue(cfg, saved):
             if explicit(key):
                 notes.append(f"{key}: {_show(ours)} (command line; the run had {_show(theirs)})")
@@ -78,6 +103,45 @@ def continue_run(cfg: DictConfig, saved: dict[str, Any], overrides: list[str] | 
                 OmegaConf.update(cfg, key, theirs)
                 notes.append(f"{key}: {_show(theirs)} from the checkpoint (today's default: {_show(ours)})")
         cfg.run_id = saved.get("run_id") if isinstance(saved.get("run_id"), str) else None
+    return Continued(notes, frozenset(from_file))
+
+
+def _continue_teacher(cfg: DictConfig, saved: dict[str, Any], explicit: Callable[[str], bool]) -> list[str]:
+    """A distillation run keeps its teacher's path unless the command line moves it (teacher=NEW): either way the
+    teacher that loads must have the run's teacher_digest (diffusion.consistency_module.adopt_teacher checks)."""
+    theirs = saved.get("teacher")
+    if theirs is not None and not isinstance(theirs, str):
+        raise UsageError(f"the checkpoint's teacher={theirs!r} is not a path: it was not written by train.py")
+    if explicit("teacher") and cfg.get("teacher") != theirs:
+        if theirs is None:
+            return []  # no teacher in the run: consistency.method (from the checkpoint) decides what teacher= means
+        return [f"teacher: {cfg.teacher!r} (command line; the run had {theirs!r}): taken if its weights are the "
+                "run's teacher's"]  # fmt: skip
+    cfg.teacher = theirs
+    return [f"teacher: {theirs!r} from the checkpoint"] if theirs is not None else []
+
+
+def _restore_callbacks(cfg: DictConfig, saved: dict[str, Any], explicit: Callable[[str], bool],
+                       from_file: set[str]) -> list[str]:  # fmt: skip
+    """The run's callbacks as they were: one it ran without is dropped (a run with `~callbacks.progress` resumes
+    without the bar), one it had that today's config lacks comes back from the checkpoint (through the registry:
+    `from_file`), unless the command line names it. Their plain values follow in _settings_to_continue."""
+    theirs = saved.get("callbacks") if "callbacks" in saved else cfg.get("callbacks")
+    if theirs is not None and not isinstance(theirs, dict):
+        raise UsageError("the checkpoint's config 'callbacks' is not a mapping: it was not written by train.py")
+    theirs, notes = theirs or {}, []
+    if cfg.get("callbacks") is None:
+        cfg.callbacks = {}
+    for name in [n for n in cfg.callbacks if n not in theirs and not explicit(f"callbacks.{n}")]:
+        del cfg.callbacks[name]
+        notes.append(f"callbacks.{name}: off, as in the run")
+    for name, section in theirs.items():
+        if name not in cfg.callbacks and not explicit(f"callbacks.{name}"):
+            where = f"checkpoint config callbacks.{name}"
+            registry.check("callbacks", section, where=where, builders=CALLBACKS)
+            cfg.callbacks[name] = section
+            from_file.add(f"callbacks.{name}")
+            notes.append(f"callbacks.{name}: {section['_target_']} from the checkpoint")
     return notes
 
 
@@ -126,12 +190,17 @@ def _check_plain_section(section: str, value: Any) -> None:
         registry.check_plain(value, where)
 
 
+def explicit_keys(overrides: list[str]) -> list[str]:
+    """The config keys a Hydra command line names: `a.b=1`, `+a.b=1`, `~a.b` -> a.b; `model=x` -> model."""
+    return [o.split("=", 1)[0].lstrip("+~").split("@", 1)[0] for o in overrides]
+
+
 def _explicit(overrides: list[str] | None) -> Callable[[str], bool]:
     """key -> whether the command line set it: `a.b=1` sets a.b and below, `model=x` all of model, and an
     `experiment=x` preset everything (it may set any key)."""
     if overrides is None:
         return lambda key: True
-    keys = [o.split("=", 1)[0].lstrip("+~").split("@", 1)[0] for o in overrides]
+    keys = explicit_keys(overrides)
     if "experiment" in keys:
         return lambda key: True
     return lambda key: any(key == k or key.startswith(f"{k}.") for k in keys)
@@ -139,3 +208,20 @@ def _explicit(overrides: list[str] | None) -> Callable[[str], bool]:
 
 def _show(value: Any) -> str:
     return "(unset)" if value is None else repr(value)
+
+
+def builder(cfg: DictConfig, from_file: frozenset[str] | set[str]) -> Callable[[str], Any]:
+    """build(key) -> the object of cfg's section `key` ("model", "callbacks.samples", ...): through diffusion.registry
+    with checked plain values when the section came from a file (`from_file`: a checkpoint, a teacher), through
+    Hydra's instantiate when it is the user's own config (where a `_target_` of the user's is theirs to name)."""
+
+    def build(key: str) -> Any:
+        section = OmegaConf.select(cfg, key)
+        if key not in from_file:
+            return instantiate(section, _convert_="all")
+        kind = key.split(".")[0]
+        config = OmegaConf.to_container(section, resolve=True)
+        where = f"checkpoint config {key}"
+        return registry.build(kind, config, where=where, builders=CALLBACKS if kind == "callbacks" else None)
+
+    return build

@@ -30,7 +30,7 @@ def test_forgetting_the_experiment_continues_the_checkpoints_run(tmp_path):
     saved = saved_config(tmp_path / "a", "optim.lr=3e-4", "schedule=cosine")
     cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt"], tmp_path / "b")
     assert cfg.model.ch == 128 and cfg.data._target_ == "diffusion.data.CIFAR10"  # today's defaults differ
-    notes = resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt"])
+    notes = resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt"]).notes
     for section in ("model", "schedule", "data", "optim", "module"):
         assert OmegaConf.to_container(cfg[section]) == saved[section], section
     assert cfg.trainer.max_steps == saved["trainer"]["max_steps"]  # not overridden: the run's own value
@@ -65,7 +65,7 @@ def test_harmless_overrides_are_applied_and_printed(tmp_path):
     saved = saved_config(tmp_path / "a")
     overrides = [*NO_EXPERIMENT, "trainer.max_steps=99", "data.num_workers=3", "logger=none", "resume=x.ckpt"]
     cfg = compose_config("train", overrides, tmp_path / "b")
-    notes = resume.continue_run(cfg, saved, overrides)
+    notes = resume.continue_run(cfg, saved, overrides).notes
     assert cfg.trainer.max_steps == 99 and cfg.data.num_workers == 3 and not cfg.logger
     assert "trainer.max_steps: 99 (command line; the run had 6)" in notes
     assert "data.num_workers: 3 (command line; the run had 0)" in notes
@@ -118,7 +118,8 @@ def dead_pid() -> int:
 
 def test_consistency_sections_resume_and_older_checkpoints_lack_them(tmp_path):
     """A CD run's consistency section and teacher come back from its checkpoint; a checkpoint written before
-    consistency models (no such keys) resumes as the DDPM run it was; another teacher on resume is refused."""
+    consistency models (no such keys) resumes as the DDPM run it was; a teacher moved elsewhere may be given again
+    (adopt_teacher then checks that its weights are the run's: test_consistency.py), its digest may not."""
     saved = saved_config(tmp_path / "a")
     saved["consistency"] = {"method": "cd", "N": 50, "k": 1, "solver": "ddim", "loss": "l2", "mu": 0.95, "phases": 1,
                             "s0": 10, "s1": 1280}  # fmt: skip
@@ -130,6 +131,13 @@ def test_consistency_sections_resume_and_older_checkpoints_lack_them(tmp_path):
     cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt"], tmp_path / "d")
     resume.continue_run(cfg, old, [*NO_EXPERIMENT, "resume=x.ckpt"])
     assert cfg.consistency is None and cfg.teacher is None
-    cfg = compose_config("train", [*NO_EXPERIMENT, "resume=x.ckpt", "teacher=other.ckpt"], tmp_path / "e")
-    with pytest.raises(UsageError, match="teacher: the run has 'teacher.ckpt'"):
-        resume.continue_run(cfg, saved, [*NO_EXPERIMENT, "resume=x.ckpt", "teacher=other.ckpt"])
+    saved["teacher_digest"] = "ab" * 32
+    moved = [*NO_EXPERIMENT, "resume=x.ckpt", "teacher=other.ckpt"]
+    cfg = compose_config("train", moved, tmp_path / "e")
+    notes = resume.continue_run(cfg, saved, moved).notes
+    assert cfg.teacher == "other.ckpt" and cfg.teacher_digest == "ab" * 32
+    assert any(n.startswith("teacher: 'other.ckpt' (command line; the run had 'teacher.ckpt')") for n in notes), notes
+    forged = [*moved, f"teacher_digest={'cd' * 32}"]
+    cfg = compose_config("train", forged, tmp_path / "f")
+    with pytest.raises(UsageError, match="teacher_digest: the run has 'abab"):
+        resume.continue_run(cfg, saved, forged)

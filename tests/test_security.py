@@ -125,10 +125,9 @@ def test_the_payloads_run_under_the_old_resolvers(name, resolver, tmp_path):
 def test_load_model_refuses_and_runs_nothing(name, section, tmp_path):
     marker = tmp_path / "ran"
     config, key, _ = attacks(marker, section)[name]
-    checkpoint = checkpoints.load(save(tmp_path / "evil.ckpt", **{section: config}))
-    with pytest.raises(registry.UnsafeConfigError) as error:
-        checkpoints.load_model(checkpoint)
-    refused(error, f"checkpoint config {section}", key)
+    with pytest.raises(registry.UnsafeConfigError) as error:  # a non-plain value already when the file is read
+        checkpoints.load_model(checkpoints.load(save(tmp_path / "evil.ckpt", **{section: config})))
+    refused(error, section, key)
     assert not marker.exists()
 
 
@@ -169,7 +168,7 @@ def test_pretrained_export_refuses_and_runs_nothing(name, tmp_path, capsys):
         pretrained.main(["export", str(path), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
-    assert f"checkpoint config model.{key}" in err, err
+    assert f"model.{key}" in err, err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

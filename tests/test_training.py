@@ -95,7 +95,7 @@ class FakeTrainer:
         self.loggers, self.saved = [], []
         self.strategy = type("Strategy", (), {"reduce_boolean_decision": staticmethod(lambda ok, all=True: ok)})()
 
-    def save_checkpoint(self, path):
+    def save_checkpoint(self, path, weights_only=None):
         self.saved.append(path)
 
 
