@@ -7,6 +7,7 @@ import os
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,13 +55,15 @@ def train(cfg: DictConfig) -> DiffusionModule:
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(config)  # the full resolved config, as the run's W&B config
+    callbacks = [build(f"callbacks.{name}") for name in cfg.callbacks or {}]
+    if (
+        cfg.trainer.get("enable_progress_bar") is False
+    ):  # one switch for the bar (Lightning refuses a bar it is off for)
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        precision=plan.precision,
-        logger=logger,
-        callbacks=[build(f"callbacks.{name}") for name in cfg.callbacks or {}],
+        cfg.trainer, precision=plan.precision, logger=logger, callbacks=callbacks,
         plugins=[checkpoints.AtomicCheckpointIO()],
-    )
+    )  # fmt: skip
     try:
         trainer.fit(module, datamodule=build("data"), ckpt_path=cfg.resume)
     finally:

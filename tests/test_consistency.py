@@ -432,6 +432,7 @@ def test_a_cd_run_resumes(runs):
                  "~callbacks.progress", "trainer.max_steps=6", f"resume={last}"]  # fmt: skip
     module = train(compose_config("train", overrides, runs / "resumed"))  # no experiment=: the checkpoint's config
     assert module.global_step == 6 and module.method == "cd" and module.target is not None and module.grid == "karras"
+    assert (runs / "resumed" / "samples_2step" / "step_0000006.png").is_file()  # experiment=cd's callback came back
     resumed = checkpoints.load(runs / "resumed" / "checkpoints" / "last.ckpt")
     assert resumed["config"]["run_id"] == checkpoints.load(last)["config"]["run_id"]
     old = checkpoints.load(last)  # a run written before consistency.grid existed: it trained on the uniform grid
@@ -440,6 +441,69 @@ def test_a_cd_run_resumes(runs):
     torch.save(old, runs / "old" / "last.ckpt")
     overrides = [*overrides[:-2], "trainer.max_steps=5", f"resume={runs / 'old' / 'last.ckpt'}"]
     assert train(compose_config("train", overrides, runs / "resumed_old")).grid == "uniform"
+
+
+def test_a_distillation_run_is_bound_to_its_teachers_weights(runs, tmp_path):
+    """The student's checkpoint records its teacher's digest. On resume the teacher at the run's path must still be
+    that one (a teacher run that kept training is refused, in one line); a moved teacher may be given again with
+    teacher=NEW when its weights are the same, and another teacher may not."""
+    import shutil
+
+    from diffusion import checkpoints
+    from diffusion.errors import UsageError
+    from train import train
+
+    from .conftest import compose_config
+
+    teacher = runs / "teacher" / "checkpoints" / "last.ckpt"
+    student = checkpoints.load(runs / "cd" / "checkpoints" / "last.ckpt")
+    net, _ = checkpoints.load_model(checkpoints.load(teacher))
+    assert student["config"]["teacher_digest"] == checkpoints.weights_digest(net)
+    here = tmp_path / "teacher.ckpt"  # the run's teacher path, in a folder of this test's
+    shutil.copy(teacher, here)
+    student["config"]["teacher"] = str(here)
+    (tmp_path / "run").mkdir()
+    torch.save(student, tmp_path / "run" / "last.ckpt")
+    resume = ["trainer=cpu", "logger=csv", "data.num_workers=0", "trainer.max_steps=5",
+              f"resume={tmp_path / 'run' / 'last.ckpt'}"]  # fmt: skip
+    assert train(compose_config("train", resume, tmp_path / "a")).global_step == 5
+
+    retrained = checkpoints.load(teacher)  # the teacher's run went on: the same path, other weights
+    retrained["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in retrained["state_dict"].items()}
+    torch.save(retrained, here)
+    with pytest.raises(UsageError, match=r"teacher=.*teacher.ckpt is not this run's teacher: its weights' digest") as e:
+        train(compose_config("train", resume, tmp_path / "b"))
+    assert "\n" not in str(e.value)
+
+    moved = tmp_path / "moved.ckpt"  # the original weights, elsewhere
+    shutil.copy(teacher, moved)
+    module = train(compose_config("train", [*resume, f"teacher={moved}"], tmp_path / "c"))
+    assert module.global_step == 5
+    assert checkpoints.load(tmp_path / "c" / "checkpoints" / "last.ckpt")["config"]["teacher"] == str(moved)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["model.ch=64"], "model.ch=64 (the teacher's: 16)"),
+        (["schedule=cosine"], "schedule="),
+        (["data.image_size=32"], "data.image_size=32 (the teacher takes 16x16 images)"),
+        (["data.channels=1"], "data.channels=1 (the teacher takes 3)"),
+    ],
+)
+def test_what_contradicts_the_teacher_is_refused(runs, tmp_path, overrides, named):
+    """The student is the teacher's network on the teacher's data: explicit model and schedule overrides that differ,
+    and data of another size or channel count, stop the run before it builds anything (they used to be dropped, or
+    a raw RuntimeError at the first step)."""
+    from diffusion.errors import UsageError
+    from train import train
+
+    from .conftest import compose_config
+
+    teacher = runs / "teacher" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UsageError, match="the student of teacher=") as error:
+        train(compose_config("train", tiny("cd", f"teacher={teacher}", *overrides), tmp_path))
+    assert named in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
 def test_ct_and_pcm_runs(runs):

@@ -5,6 +5,7 @@ its own random state back: tests/test_fsdp.py."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,77 @@ def test_consistency_sections_resume_and_older_checkpoints_lack_them(tmp_path):
     cfg = compose_config("train", forged, tmp_path / "f")
     with pytest.raises(UsageError, match="teacher_digest: the run has 'abab"):
         resume.continue_run(cfg, saved, forged)
+
+
+# ---------------------------------------------------------------- what a checkpoint must hold to resume
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A 3-step run of the suite's tiny settings (no progress bar callback, enable_progress_bar=false): last.ckpt."""
+    folder = tmp_path_factory.mktemp("run")
+    train(compose_config("train", [*TINY_RUN, "trainer.max_steps=3"], folder))
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def test_a_run_resumes_with_its_own_callbacks(run, tmp_path):
+    """Resumed with nothing but resume= and a new max_steps: the run had no progress bar (Lightning used to refuse
+    the bar today's config adds, as the run's enable_progress_bar=false came back) and keeps its other callbacks."""
+    overrides = ["logger=csv", "data.num_workers=0", "trainer.max_steps=6", f"resume={run}"]
+    cfg = compose_config("train", overrides, tmp_path)
+    module = train(cfg)
+    assert module.global_step == 6 and "progress" not in cfg.callbacks and cfg.trainer.enable_progress_bar is False
+    assert cfg.callbacks.samples.n == 4  # the run's own values of the callbacks it had
+    assert (tmp_path / "samples" / "step_0000006.png").is_file()
+
+
+def _crafted(run: Path, tmp: Path, change) -> Path:
+    checkpoint = torch.load(run, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, tmp / "crafted.ckpt")
+    return tmp / "crafted.ckpt"
+
+
+def _reshape(state: dict) -> None:
+    state["ema.conv_in.weight"] = state["ema.conv_in.weight"][:, :1]
+    state["model.conv_in.weight"] = state["model.conv_in.weight"][:, :1]
+
+
+@pytest.mark.parametrize(
+    "change, resume_says, sample_says",
+    [
+        (lambda c: c.pop("loops"), "cannot be resumed: it has no 'loops'", None),
+        (lambda c: c.pop("optimizer_states"), "cannot be resumed: it has no 'optimizer_states'", None),
+        (lambda c: c["loops"].pop("fit_loop"), "cannot be resumed: it has no 'loops.fit_loop'", None),
+        (lambda c: _reshape(c["state_dict"]), "weights do not fit this run's model: model.conv_in.weight is [16, 1, 3, 3] there",
+         "weights do not fit its model config: conv_in.weight is"),
+        (lambda c: [c["state_dict"].pop(f"{p}.conv_out.bias") for p in ("ema", "model")],
+         "weights do not fit this run's model: 2 missing (e.g. model.conv_out.bias)",
+         "weights do not fit its model config: 1 missing (e.g. conv_out.bias)"),
+        (lambda c: c["state_dict"].update({"ema.conv_out.bias": 0.5, "model.conv_out.bias": 0.5}),
+         "conv_out.bias is a float, not torch.float32 weights", "conv_out.bias is a float, not torch.float32 weights"),
+        (lambda c: c["state_dict"].update({"ema.extra": torch.zeros(1)}), "1 unexpected (e.g. ema.extra)",
+         "1 unexpected (e.g. extra)"),
+        (lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(3)),
+         "optimizer state does not fit this run's", None),
+        (lambda c: c["optimizer_states"][0]["param_groups"][0]["params"].pop(), "optimizer state does not fit", None),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_that_cannot_continue_the_run_is_refused_in_one_line(run, tmp_path, change, resume_says,
+                                                                           sample_says):  # fmt: skip
+    """train.py resume= and sample.py read a checkpoint through one loader and say the same thing about its weights,
+    in one line, before Lightning (silently at step 0 without `loops`; a page of RuntimeError, or a TypeError)."""
+    from sample import sample
+
+    path = _crafted(run, tmp_path, change)
+    overrides = ["trainer=cpu", "logger=csv", "data.num_workers=0", "trainer.max_steps=6", f"resume={path}"]
+    with pytest.raises(UsageError) as error:
+        train(compose_config("train", overrides, tmp_path / "resumed"))
+    assert resume_says in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
+    cfg = compose_config("sample", [f"ckpt={path}", "logger=none", "n_samples=2", "steps=2", "device=cpu"], tmp_path)
+    if sample_says is None:  # sampling needs only the weights
+        assert sample(cfg).shape == (2, 32, 32, 3)
+    else:
+        with pytest.raises(UsageError, match=re.escape(sample_says)):
+            sample(cfg)
