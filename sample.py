@@ -15,9 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import analytic_cache, errors, runs, timesteps
+from diffusion import analytic_cache, errors, metrics, runs, timesteps
+from diffusion.consistency import ConsistencyModel, consistency_sampling
 from diffusion.errors import UsageError
-from diffusion.generation import PRECISIONS, Autocast, distributed, generate
+from diffusion.generation import PRECISIONS, Autocast, check_room, distributed, generate
 from diffusion.images import grid, save_npz, save_png
 from diffusion.options import check_options
 
@@ -26,39 +27,30 @@ SEARCH_ROOTS = ("outputs", "multirun")
 
 def sample(cfg: DictConfig) -> np.ndarray | None:
     """Draw cfg.n_samples images; write samples.npz (uint8 NHWC), grid.png, optionally PNGs, FID and a W&B run.
-    Returns the images on the main process (None on the others)."""
+    Returns the images on the main process (None on the others). Everything that can be checked is checked before
+    the first image is drawn; once samples.npz is written, a later error says where it is."""
     with distributed() as dist:
         check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
         source, model, schedule, trained, weights = _load(cfg, device)
-        if not cfg.steps <= schedule.T:
-            raise UsageError(f"steps={cfg.steps} is out of range: choose 1 <= steps <= T={schedule.T} (the model's T)")
-        if cfg.fid and not (cfg.fid_ref or trained.get("data")):
-            raise UsageError("fid=true needs fid_ref=PATH.npz (mu, sigma) or a checkpoint that knows its dataset")
-        sampler, shape = instantiate(cfg.sampler), (model.in_channels, model.resolution, model.resolution)
-        gamma = torch.zeros(schedule.T, dtype=torch.float64) if analytic_cache.takes_gamma(sampler) else None
-        try:  # the sampler's own checks on one zero pixel (with a zero Gamma for Analytic-DPM), before any long work
-            check = sampler if gamma is None else functools.partial(sampler, gamma=gamma, data_var=1.0)
-            check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule,
-                  timesteps.make("even", cfg.steps, schedule))  # fmt: skip
-        except ValueError as error:
-            raise UsageError(f"sampler options: {error}") from error
-        if gamma is not None:  # Analytic-DPM: the model's Gamma, computed once and cached beside the weights
+        sampler, spacing, shape = _plan(cfg, model, schedule, source, device)
+        out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
+        dist.on_main(check_room, cfg.n_samples, shape, out)
+        after = {}  # what the main process needs once the samples are drawn, prepared (and checked) now
+        if cfg.fid:
+            reference = cfg.fid_ref or trained.get("data")
+            dist.on_main(lambda: after.update(fid=metrics.prepare(reference, cache_dir=cfg.fid_stats_dir,
+                                                                 image_size=shape[1])))  # fmt: skip
+        if cfg.logger:
+            dist.on_main(lambda: after.update(logger=_logger(cfg, trained)))
+        gamma = None
+        if analytic_cache.takes_gamma(sampler):  # Analytic-DPM: the model's Gamma, computed once, cached
             gamma, data_var = dist.on_main(_gamma, cfg, model, schedule, trained, weights, source, device)
             sampler = functools.partial(sampler, gamma=gamma, data_var=data_var)  # data_var: Theorem 2's bound
-        ts = timesteps.make(cfg.spacing, cfg.steps, schedule, gamma=gamma)
-        group = "skip"
-        try:  # Skip-Tuning's and DeepCache's own checks on this UNet; `group` names the one that failed
-            net = instantiate(cfg.skip)(model) if cfg.skip else model
-            group = "cache"
-            net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
-        except ValueError as error:
-            raise UsageError(f"{group} options: {error}") from error
-        if PRECISIONS[cfg.precision] is not None:
-            net = Autocast(net, PRECISIONS[cfg.precision])
-        out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
+        ts = timesteps.make(spacing, cfg.steps, schedule, gamma=gamma)
+        net = _wrap(cfg, model, ts)
         if dist.is_main:
-            print(f"sampling {cfg.n_samples} images from {source} with {_describe(cfg)} on {device} -> {out}")
+            print(f"sampling {cfg.n_samples} images from {source} with {_describe(cfg, spacing)} on {device} -> {out}")
 
         start, calls, batches, nonfinite, shards = time.perf_counter(), 0, 0, 0, []
         for images, n_calls, n_bad in generate(
@@ -79,17 +71,57 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
         save_npz(images, out / "samples.npz", replace=False)
     except FileExistsError:
         raise UsageError(f"another run wrote {out / 'samples.npz'} meanwhile: pass a new out_dir=PATH") from None
-    if cfg.grid:
-        save_png(grid(images[:256]), out / "grid.png")
-    if cfg.png:
-        for i, image in enumerate(images):
-            save_png(image, out / "images" / f"{i:06d}.png")
     print(f"NFE {stats['nfe']:g} per image, {seconds:.1f} s, {stats['images_per_s']:.2f} images/s; wrote {out}")
-    if cfg.fid:
-        stats.update(_fid(cfg, out / "samples.npz", trained))
-    if cfg.logger:
-        _log(cfg, images, stats, source, trained)
+    try:
+        if cfg.grid:
+            save_png(grid(images[:256]), out / "grid.png")
+        if cfg.png:
+            for i, image in enumerate(images):
+                save_png(image, out / "images" / f"{i:06d}.png")
+        if cfg.fid:
+            stats.update(_fid(images, out, *after["fid"]))
+        if cfg.logger:
+            _log(after["logger"], cfg, images, stats, source, trained, spacing)
+    except (UsageError, OSError) as error:  # the samples are safe: say where, and what is left to do
+        raise UsageError(f"{error} (the {len(images)} samples are saved in {out / 'samples.npz'}; "
+                         f"python -m diffusion.metrics fid scores them)") from error  # fmt: skip
     return images
+
+
+def _plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
+    """(sampler, spacing, image shape [C, H, W]) after the checks that need the model: steps <= T, the sampler
+    fits the model, the sampler's own option checks on one zero pixel along the very timesteps it will take, and
+    the wrappers' (Skip-Tuning, DeepCache) on this UNet."""
+    if not cfg.steps <= schedule.T:
+        raise UsageError(f"steps={cfg.steps} is out of range: choose 1 <= steps <= T={schedule.T} (the model's T)")
+    sampler = instantiate(cfg.sampler)
+    if getattr(sampler, "func", None) is consistency_sampling and not isinstance(model, ConsistencyModel):
+        raise UsageError(f"sampler=consistency samples consistency models (train.py experiment=cd, ct or pcm), and "
+                         f"{source} is a diffusion model: use sampler=ddim, dpm_solver, unipc, ...")  # fmt: skip
+    spacing = cfg.spacing or timesteps.paper_spacing(sampler)[0]
+    try:  # with a zero Gamma for Analytic-DPM, whose optimal trajectory needs the real one
+        check = sampler
+        if analytic_cache.takes_gamma(sampler):
+            check = functools.partial(sampler, gamma=torch.zeros(schedule.T, dtype=torch.float64), data_var=1.0)
+        ts = timesteps.make("even" if spacing in timesteps.GAMMA_SPACINGS else spacing, cfg.steps, schedule)
+        check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
+    except ValueError as error:
+        raise UsageError(f"sampler options: {error}") from error
+    _wrap(cfg, model, ts)  # Skip-Tuning's and DeepCache's own checks, before anything is written
+    return sampler, spacing, (model.in_channels, model.resolution, model.resolution)
+
+
+def _wrap(cfg: DictConfig, model, ts):
+    """The network the sampler calls: Skip-Tuning and DeepCache around the model (their own checks as UsageErrors,
+    naming the group), under autocast for bf16 / fp16."""
+    group = "skip"
+    try:
+        net = instantiate(cfg.skip)(model) if cfg.skip else model
+        group = "cache"
+        net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
+    except ValueError as error:
+        raise UsageError(f"{group} options: {error}") from error
+    return Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
 
 
 def _load(cfg: DictConfig, device: torch.device):
@@ -123,38 +155,42 @@ def _nonfinite_message(cfg: DictConfig, n: int) -> str:
             f"diverged. Try {' or '.join(fixes) or 'other weights'}")  # fmt: skip
 
 
-def _describe(cfg: DictConfig) -> str:
+def _describe(cfg: DictConfig, spacing: str) -> str:
     name = cfg.sampler._target_.rsplit(".", 1)[-1]
     skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
-    return f"{name}{skip}{cache}, {cfg.steps} {cfg.spacing} steps"
+    whose = timesteps.PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))[1]
+    own = "" if cfg.spacing else f" (the sampler's own: {whose}; spacing= to choose)"
+    return f"{name}{skip}{cache}, {cfg.steps} {spacing} steps{own}"
 
 
-def _fid(cfg: DictConfig, samples: Path, trained: dict) -> dict:
-    from diffusion import metrics
-
-    reference = cfg.fid_ref or trained.get("data")
-    result = metrics.fid_from_npz(samples, reference, cache_dir=cfg.fid_stats_dir)
+def _fid(images: np.ndarray, out: Path, reference, extractor) -> dict:
+    result = metrics.fid_of(images, reference, extractor)
     print(result)
-    (samples.parent / "fid.json").write_text(json.dumps(result.as_dict(), indent=2))
+    (out / "fid.json").write_text(json.dumps(result.as_dict(), indent=2))
     return {f"fid/{k}" if k != "fid" else "fid": v for k, v in result.as_dict().items()}
 
 
-def _log(cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict) -> None:
-    """Record the run with the configured logger: W&B gets a run of job type `sample` in the training project."""
+def _logger(cfg: DictConfig, trained: dict):
+    """The configured logger, built before sampling (W&B: a run of job type `sample` in the training project)."""
+    os.environ.setdefault("WANDB_JOB_TYPE", "sample")
+    if trained.get("logger", {}).get("project") and cfg.logger.get("project") == "diffusion":
+        cfg.logger.project = trained["logger"]["project"]  # beside the training run it came from
+    return instantiate(cfg.logger)
+
+
+def _log(logger, cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict, spacing: str) -> None:
+    """Record the run: its config, figures and (W&B) a grid of samples."""
     from lightning.pytorch.loggers import WandbLogger
 
     from diffusion import loggers
 
-    os.environ.setdefault("WANDB_JOB_TYPE", "sample")
-    if trained.get("logger", {}).get("project") and cfg.logger.get("project") == "diffusion":
-        cfg.logger.project = trained["logger"]["project"]  # beside the training run it came from
-    logger = instantiate(cfg.logger)
-    config = {**OmegaConf.to_container(cfg, resolve=True), "source": source, "train_run_id": trained.get("run_id")}
+    config = {**OmegaConf.to_container(cfg, resolve=True), "source": source, "train_run_id": trained.get("run_id"),
+              "spacing": spacing}  # fmt: skip
     logger.log_hyperparams(config)
     logger.log_metrics(stats)
     if isinstance(logger, WandbLogger):
-        logger.log_image("samples", [grid(images[:64])], caption=[_describe(cfg)])
+        logger.log_image("samples", [grid(images[:64])], caption=[_describe(cfg, spacing)])
         logger.experiment.summary.update(stats)
     logger.finalize("success")
     loggers.finish_wandb()

@@ -18,6 +18,7 @@ the checkpoint (diffusion.analytic_cache).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -137,6 +138,18 @@ def step_kl(abar_t, abar_s, gamma_t, sigma2, eta=1.0, *, bound: float = 1.0):
 
 
 # -------------------------------------------------------------------- the samplers
+def _noise_cap(noise_cap, clip: bool, images: float) -> float | None:
+    """The cap in 8-bit levels: `images` levels for "auto" with clip (data in [-1, 1]: 8-bit images), none for
+    "auto" without (unbounded data, where a cap in image levels means nothing and cost most of Analytic-DPM's gain on
+    the mixture: Frechet 0.231 against 0.030 at K = 10); None: none; a number >= 0: that many."""
+    if noise_cap == "auto":
+        return images if clip else None
+    if noise_cap is not None and (isinstance(noise_cap, bool) or not isinstance(noise_cap, int | float)
+                                  or not noise_cap >= 0):  # fmt: skip
+        raise ValueError(f"noise_cap must be 'auto', null or a number of 8-bit levels >= 0, got {noise_cap!r}")
+    return noise_cap
+
+
 def _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap, data_var) -> Tensor:
     gamma, bound = check_gamma(gamma, schedule.T).tolist(), cov_bound(clip, data_var)
     steps, abar = _steps(schedule, timesteps)
@@ -162,7 +175,7 @@ def analytic_ddpm(
     generator: Generator = None,
     gamma: Tensor | None = None,
     clip: bool = True,
-    noise_cap: float | None = 2.0,
+    noise_cap: float | Literal["auto"] | None = "auto",
     data_var: float | None = None,
 ) -> Tensor:
     """Analytic-DDPM (Bao et al. 2022, Theorem 1 with lambda^2 = beta-tilde, clipped by Theorem 2): DDPM's posterior
@@ -176,9 +189,10 @@ def analytic_ddpm(
             Cov[x0 | x_t] when clip is off (`cov_bound`; required then, math.inf for none).
         noise_cap: bound the noise of the step onto the last visited timestep so that E|sigma eps| is at most this
             many 8-bit levels (2 / 255 each), as the official CIFAR-10 runs (clip_pixel 2, 1 for the cosine
-            schedule); None: no bound (unbounded data).
+            schedule); "auto": 2 with clip (8-bit images), none without (unbounded data); None: no bound.
     """
-    return _analytic(model, x, schedule, timesteps, generator, gamma, 1.0, clip, noise_cap, data_var)
+    cap = _noise_cap(noise_cap, clip, 2.0)
+    return _analytic(model, x, schedule, timesteps, generator, gamma, 1.0, clip, cap, data_var)
 
 
 @torch.no_grad()
@@ -192,16 +206,17 @@ def analytic_ddim(
     gamma: Tensor | None = None,
     eta: float = 0.0,
     clip: bool = True,
-    noise_cap: float | None = 1.0,
+    noise_cap: float | Literal["auto"] | None = "auto",
     data_var: float | None = None,
 ) -> Tensor:
     """Analytic-DDIM (Bao et al. 2022): DDIM's mean with sigma(eta) (Song et al. eq. 12, 16), and noise of the
     optimal std sigma* for lambda^2 = eta^2 beta-tilde, clipped by Theorem 2. eta = 0 is the paper's Analytic-DDIM:
     lambda = 0, yet sigma*^2 = coef Cov[x0 | x_t] > 0 (it is not deterministic); eta = 1 is analytic_ddpm. NFE = S.
-    The options of analytic_ddpm apply (noise_cap 1 as the official Analytic-DDIM runs)."""
+    The options of analytic_ddpm apply ("auto" noise_cap: 1 level with clip, as the official Analytic-DDIM runs)."""
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1] (0: the paper's Analytic-DDIM, 1: Analytic-DDPM), got {eta}")
-    return _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_cap, data_var)
+    cap = _noise_cap(noise_cap, clip, 1.0)
+    return _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, cap, data_var)
 
 
 # -------------------------------------------------------------------- the optimal trajectory (sec. 4)

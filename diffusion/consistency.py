@@ -297,6 +297,8 @@ def consistency_sampling(model: Model, x: Tensor, schedule: Schedule, timesteps:
             multistep sampling; len(times) must be the step count (benchmarks/consistency_mixture.py reports them).
     """
     if times is not None:
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in times):
+            raise ValueError(f"sampler.times={list(times)} must be whole timesteps (T-1 = {schedule.T - 1} first)")
         if len(times) != len(timesteps):
             raise ValueError(f"sampler.times={list(times)} visits {len(times)} times but steps={len(timesteps)}: "
                              f"give one time per step, T-1 = {schedule.T - 1} first")  # fmt: skip

@@ -8,8 +8,10 @@ size or the number of GPUs, and a run of 50k images can be split across processe
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -22,7 +24,8 @@ from tqdm import tqdm
 from .errors import UsageError
 from .images import to_uint8
 
-__all__ = ["image_seed", "image_noise", "RowGenerators", "CountCalls", "Autocast", "generate", "distributed"]
+__all__ = ["image_seed", "image_noise", "RowGenerators", "CountCalls", "Autocast", "generate", "distributed",
+           "check_room"]  # fmt: skip
 
 T = TypeVar("T")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,8 +105,9 @@ def generate(
     infinite value, taken before the conversion, lets the caller refuse them. `prepare` runs before every batch
     (e.g. to empty DeepCache's cache, so no batch reuses another's features).
     """
-    batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
-    outer = tqdm(batches, desc="batches", unit="batch", disable=not progress or len(batches) < 2)
+    n_batches = -(-len(indices) // batch_size)
+    batches = (indices[k : k + batch_size] for k in range(0, len(indices), batch_size))  # lazily: n may be huge
+    outer = tqdm(batches, total=n_batches, desc="batches", unit="batch", disable=not progress or n_batches < 2)
     inner = tqdm(desc="model evaluations", unit="call", leave=False, disable=not progress)
     counted = CountCalls(model, inner)
     for batch in outer:
@@ -118,6 +122,41 @@ def generate(
         nonfinite = int((~torch.isfinite(x0)).flatten(1).any(1).sum())
         yield to_uint8(x0), counted.calls - before, nonfinite
     inner.close()
+
+
+def check_room(n: int, shape: tuple[int, int, int], folder: Path) -> None:
+    """UsageError, before any sampling, when n uint8 images of `shape` [C, H, W] cannot be held: twice in memory
+    (each process's batches, then the gathered array) or once on the disk of `folder` (samples.npz)."""
+    size = n * math.prod(shape)
+    existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # the folder may not exist yet
+    memory, disk = _available_memory(), shutil.disk_usage(existing).free
+    for need, have, where in ((2 * size, memory, "memory"), (size, disk, f"disk space in {folder}")):
+        if have is not None and need > have:
+            most = max(1, n * have // need)
+            raise UsageError(
+                f"n_samples={n} needs {_bytes(need)} of {where} for the images ({shape[1]}x{shape[2]}x{shape[0]} "
+                f"uint8 each), and {_bytes(have)} are free: draw at most n_samples={most}, or several runs with "
+                "other seeds"
+            )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where it is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 # ---------------------------------------------------------------- several processes
@@ -168,13 +207,15 @@ class Distributed:
     def on_main(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on rank 0 alone, its result on every rank. Its UsageError is raised on every rank, so that no
         rank waits for one that stopped (e.g. rank 0 refusing an output folder)."""
-        result, problem = None, None
+        result, problem, raised = None, None, None
         if self.is_main:
             try:
                 result = fn(*args)
             except UsageError as error:
-                problem = str(error)
+                problem, raised = str(error), error
         result, problem = self.broadcast((result, problem))
+        if raised is not None:
+            raise raised  # the main process keeps the error's own type (e.g. a registry refusal)
         if problem is not None:
             raise UsageError(problem)
         return result

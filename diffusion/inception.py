@@ -116,6 +116,8 @@ class Inception(torch.nn.Module):
     """The FID Inception (torch-fidelity's port of TF's inception-2015-12-05, with TF's bilinear resize to 299):
     uint8 [B, 3, H, W] -> pool3 features [B, 2048]. Frozen, in eval mode."""
 
+    features = 2048  # the width of what it returns: reference statistics of another width come from another network
+
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
         try:

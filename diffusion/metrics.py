@@ -31,7 +31,7 @@ from .plain import check_file_data
 # The feature extractor lives in diffusion.inception; re-exported because FID callers need it with the rest.
 __all__ = ["WeightsNotFoundError", "Inception", "FIDResult", "frechet_distance", "check_gaussian", "stats",
            "save_stats", "load_stats", "inception_features", "reference_stats", "reference_stats_for", "data_config",
-           "fid_from_npz", "main"]  # fmt: skip
+           "Reference", "prepare", "fid_of", "read_samples", "fid_from_npz", "main"]  # fmt: skip
 
 CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
 Stats = tuple[np.ndarray, np.ndarray, dict]  # mu [D], sigma [D, D], metadata
@@ -241,41 +241,93 @@ class FIDResult:
         return f"FID {self.fid:.4g} of {self.n_samples} samples vs {ref}; features: {self.extractor}{weights}"
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What FID compares samples with, found and checked (`prepare`): precomputed statistics (`stats`) or a
+    DataModule whose training set's statistics are computed once and cached in `cache_dir`."""
+
+    label: str
+    image_size: int | None
+    stats: Stats | None
+    datamodule: object | None
+    cache_dir: Path
+
+
+def prepare(reference, *, cache_dir: str | os.PathLike | None = None, image_size: int | None = None,
+            extractor: Extractor | None = None) -> tuple[Reference, Extractor]:  # fmt: skip
+    """(the reference, the extractor), with everything that can fail checked, so that sample.py can check it before
+    it draws a single image: an .npz is read and its statistics checked (finite, symmetric, as wide as the
+    extractor's `features` where it says: 2048 for the FID Inception); a dataset (a name in conf/data, a data config
+    mapping or a DataModule) is built, and its files are found unless its statistics are cached; the sizes agree with
+    `image_size` (the samples'); the extractor (default the FID Inception: its weights found and hash-checked) is
+    loaded."""
+    default = Path(os.environ.get("DIFFUSION_DATA", "data")) / "fid_stats"
+    cache_dir = Path(cache_dir if cache_dir is not None else default)
+    extractor = extractor if extractor is not None else Inception()
+    if isinstance(reference, str | os.PathLike) and (str(reference).endswith(".npz") or Path(reference).is_file()):
+        loaded, width = load_stats(reference), getattr(extractor, "features", None)
+        if width is not None and len(loaded[0]) != width:
+            raise UsageError(f"{reference} holds statistics of {len(loaded[0])} features, {describe(extractor)[0]} "
+                             f"gives {width}: they come from another network; pass its own reference")  # fmt: skip
+        prepared = Reference(str(reference), loaded[2].get("image_size"), loaded, None, cache_dir)
+    else:
+        reference = data_config(reference) if isinstance(reference, str) else reference
+        datamodule = _datamodule(reference) if isinstance(reference, Mapping) else reference
+        if not hasattr(datamodule, "build"):
+            raise UsageError(f"unknown reference {reference!r}: pass an .npz with mu and sigma, or a data config")
+        cached = cache_dir / f"{_stats_name(datamodule, extractor)}.npz"
+        stats_ = None
+        if cached.is_file():
+            stats_ = (*load_stats(cached)[:2], {**load_stats(cached)[2], "path": str(cached)})
+        else:  # the dataset's files must be there: a missing CIFAR-10 says so now, not after sampling
+            if hasattr(datamodule, "prepare_data"):
+                datamodule.prepare_data()
+            datamodule.build()
+        prepared = Reference(type(datamodule).__name__, datamodule.image_size, stats_, datamodule, cache_dir)
+    if image_size is not None and prepared.image_size not in (None, image_size):
+        raise UsageError(
+            f"the samples are {image_size}px but the reference {prepared.label} is {prepared.image_size}px: compare "
+            "samples with their model's training data, at its size (on the command line: --image-size)"
+        )
+    return prepared, extractor
+
+
+def fid_of(images: np.ndarray, reference: Reference, extractor: Extractor, **options) -> FIDResult:
+    """FID of uint8 images [N, H, W, C] against a prepared reference (computing and caching a dataset's statistics
+    on first use). `options` (batch_size, device, progress) go to inception_features."""
+    mu_ref, sigma_ref, meta = reference.stats if reference.stats is not None else (None, None, {})
+    label = reference.label
+    if reference.datamodule is not None:
+        if reference.stats is None:
+            mu_ref, sigma_ref, meta = reference_stats_for(reference.datamodule, reference.cache_dir,
+                                                          extractor=extractor, **options)  # fmt: skip
+        label = f"{meta.get('source', label)} ({meta['path']})"
+    mu, sigma = stats(inception_features(images, extractor=extractor, **options))
+    n_ref = meta.get("n")
+    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return FIDResult(fid, len(images), label, None if n_ref is None else int(n_ref), *describe(extractor))
+
+
+def read_samples(samples_npz: str | os.PathLike) -> np.ndarray:
+    """The uint8 images of a samples .npz (`arr_0`, or its only array)."""
+    arrays = _read_npz(samples_npz, "the samples")
+    images = arrays.get("arr_0", next(iter(arrays.values())) if len(arrays) == 1 else None)
+    if images is None:
+        raise UsageError(f"{samples_npz} holds {', '.join(arrays) or 'nothing'}: samples go in arr_0 (uint8 NHWC)")
+    return images
+
+
 def fid_from_npz(samples_npz: str | os.PathLike, reference, *, cache_dir: str | os.PathLike | None = None,
                  extractor: Extractor | None = None, **options) -> FIDResult:  # fmt: skip
     """FID of uint8 samples (`arr_0` [N, H, W, C] of an .npz, as sample.py writes) against `reference`: an .npz with
     mu and sigma, a data config (a name in conf/data, or a mapping with _target_) or a DataModule, whose training
     set's statistics are computed once and cached in `cache_dir` (default $DIFFUSION_DATA/fid_stats). `options`
     (batch_size, device, progress) go to inception_features."""
-    arrays = _read_npz(samples_npz, "the samples")
-    images = arrays.get("arr_0", next(iter(arrays.values())) if len(arrays) == 1 else None)
-    if images is None:
-        raise UsageError(f"{samples_npz} holds {', '.join(arrays) or 'nothing'}: samples go in arr_0 (uint8 NHWC)")
-    datamodule = None
-    if isinstance(reference, str | os.PathLike) and (str(reference).endswith(".npz") or Path(reference).is_file()):
-        mu_ref, sigma_ref, meta = load_stats(reference)
-        size, label = meta.get("image_size"), str(reference)
-    else:
-        reference = data_config(reference) if isinstance(reference, str) else reference
-        datamodule = _datamodule(reference) if isinstance(reference, Mapping) else reference
-        if not hasattr(datamodule, "build"):
-            raise UsageError(f"unknown reference {reference!r}: pass an .npz with mu and sigma, or a data config")
-        size, label = datamodule.image_size, type(datamodule).__name__
-    if images.ndim == 4 and size not in (None, images.shape[1]):
-        raise UsageError(
-            f"the samples are {images.shape[1]}px but the reference {label} is {size}px: compare "
-            "samples with their model's training data, at its size (on the command line: --image-size)"
-        )
+    images = read_samples(samples_npz)
     parse_device(options.get("device", "auto"))  # a typo fails now, not after the weights are loaded
-    extractor = extractor if extractor is not None else Inception()
-    if datamodule is not None:
-        cache_dir = cache_dir if cache_dir is not None else Path(os.environ.get("DIFFUSION_DATA", "data")) / "fid_stats"
-        mu_ref, sigma_ref, meta = reference_stats_for(datamodule, cache_dir, extractor=extractor, **options)
-        label = f"{meta.get('source', label)} ({meta['path']})"
-    mu, sigma = stats(inception_features(images, extractor=extractor, **options))
-    n_ref = meta.get("n")
-    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-    return FIDResult(fid, len(images), label, None if n_ref is None else int(n_ref), *describe(extractor))
+    size = images.shape[1] if images.ndim == 4 else None
+    prepared, extractor = prepare(reference, cache_dir=cache_dir, image_size=size, extractor=extractor)
+    return fid_of(images, prepared, extractor, **options)
 
 
 # ---------------------------------------------------------------- command line

@@ -7,13 +7,17 @@ Lightning, the DataLoader and torch.optim would fail with a ZeroDivisionError or
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import ListConfig
 
 from . import timesteps
 from .analytic_cache import takes_gamma
@@ -46,8 +50,9 @@ def check_options(cfg: Mapping, world_size: int = 1) -> None:
         if not isinstance(cfg.get(key), bool):
             problems.append(f"{key}={cfg.get(key)!r}: use true or false")
     spacings = timesteps.NAMES + timesteps.GAMMA_SPACINGS
-    if cfg.get("spacing") not in spacings:
-        problems.append(f"spacing={cfg.get('spacing')!r}: choose one of {', '.join(spacings)}")
+    if cfg.get("spacing") is not None and cfg.get("spacing") not in spacings:
+        problems.append(f"spacing={cfg.get('spacing')!r}: choose one of {', '.join(spacings)}, or null (the "
+                        "sampler's own)")  # fmt: skip
     problems += _analytic_problems(cfg)
     if cfg.get("precision") not in PRECISIONS:
         problems.append(f"unknown precision={cfg.get('precision')!r}: choose one of {', '.join(PRECISIONS)}")
@@ -116,8 +121,53 @@ def _keyword_problems(group: str, node) -> list[str]:
         return []
     options = [n for n, p in parameters.items() if p.default is not p.empty and n not in ("generator", "timesteps")]
     name = getattr(partial.func, "__name__", group)
-    return [f"{group}.{key} is not an option of {name}: its options are {', '.join(options)}"
-            for key in partial.keywords if key not in parameters]  # fmt: skip
+    problems = [f"{group}.{key} is not an option of {name}: its options are {', '.join(options)}"
+                for key in partial.keywords if key not in parameters]  # fmt: skip
+    try:
+        function = partial.func.__init__ if isinstance(partial.func, type) else partial.func
+        hints = typing.get_type_hints(function)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        hints = {}
+    for key, value in partial.keywords.items():
+        if key in hints and not _fits(value, hints[key]):
+            problems.append(f"{group}.{key}={value!r}: {name} takes {_describe_hint(hints[key])}")
+    return problems
+
+
+def _fits(value, hint) -> bool:
+    """Whether a config value is of an annotation's type: bool, int, float (an int is one), str, None, Literal,
+    unions and sequences of these; unknown annotations accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, list | tuple | ListConfig) and all(_fits(v, args[0]) for v in value) if args else True
+    return True
+
+
+def _describe_hint(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_hint(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        plural = {bool: "flags", int: "whole numbers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'values')}" if args else "a list"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 # ---------------------------------------------------------------- train.py

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -38,10 +39,14 @@ OmegaConf.register_new_resolver("run_token", run_token, replace=True)
 
 
 def claim_out_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`folder`, checked to hold no samples of another run; with `overwrite`, the stale ones are removed first.
+    """`folder`, created, checked to be writable and to hold no samples of another run; with `overwrite`, the stale
+    ones are removed first. Called before any long work, so an unusable folder never costs a run's samples.
 
     Left in place, another run's images/000123.png beside this run's samples.npz would pass for this run's."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"out_dir={folder} is a file, not a folder: pass out_dir=PATH of a folder (new or empty)")
+    _check_writable(folder)
     stale = sorted(p for pattern in SAMPLE_OUTPUTS for p in folder.glob(pattern) if p.is_file())
     if stale and not overwrite:
         names = ", ".join(str(p.relative_to(folder)) for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
@@ -52,3 +57,22 @@ def claim_out_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path:
     for path in stale:
         path.unlink()
     return folder
+
+
+def _check_writable(folder: Path) -> None:
+    """UsageError unless a file can be created in `folder` (tried for real: permission bits lie to root, and /proc
+    refuses anyway). Folders made for the try are removed again, so a run refused later leaves nothing behind."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # creating a file is what writing the samples will need
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write into out_dir={folder} ({error.strerror or error}): pass out_dir=PATH of a "
+                         "folder this user can write") from None  # fmt: skip
+    finally:
+        for path in missing:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break

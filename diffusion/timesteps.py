@@ -12,6 +12,7 @@ first timestep still holds signal.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ from .errors import UsageError
 from .schedule import Schedule
 
 __all__ = ["leading", "linspace", "even", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "GAMMA_SPACINGS",
-           "make", "check_start", "noisiest_usable", "spread_up", "half_log_snr", "LAMBDA_MIN"]  # fmt: skip
+           "PAPER_SPACING", "paper_spacing", "make", "check_start", "noisiest_usable", "spread_up", "half_log_snr",
+           "LAMBDA_MIN", "StartWarning"]  # fmt: skip
 
 
 # -------------------------------------------------------------------- the spacings
@@ -151,6 +153,28 @@ def spread_up(ts: np.ndarray, top: int) -> np.ndarray:
     return np.minimum(np.maximum.accumulate(np.sort(ts) - i) + i, top - (len(ts) - 1) + i)
 
 
+# Each sampler's own spacing, its paper's code's (sample.py's spacing=null): sampler function -> (spacing, whose).
+PAPER_SPACING = {
+    "ddim": ("leading", "the DDIM paper's uniform skip"),
+    "ddpm": ("linspace", "improved-diffusion's respacing, round(i (T-1) / (S-1)), which the ddpm sampler follows"),
+    "pndm": ("leading", "the PNDM code's uniform skip"),
+    "s_pndm": ("leading", "the PNDM code's uniform skip"),
+    "plms": ("leading", "the PNDM code's uniform skip"),
+    "dpm_solver": ("logsnr", "the DPM-Solver code's logSNR grid"),
+    "dpm_solver_3m": ("logsnr", "the DPM-Solver code's logSNR grid"),
+    "unipc": ("logsnr", "the UniPC code's logSNR grid (built on DPM-Solver's)"),
+    "analytic_ddpm": ("even", "the Analytic-DPM code's even trajectory"),
+    "analytic_ddim": ("even", "the Analytic-DPM code's even trajectory"),
+    "consistency_sampling": ("trailing", "T-1 first, the consistency grid's own start"),
+}
+
+
+def paper_spacing(sampler) -> tuple[str, str]:
+    """(spacing, why) for a sampler function or a functools.partial of one: its paper's code's, or leading."""
+    name = getattr(getattr(sampler, "func", sampler), "__name__", "")
+    return PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))
+
+
 SPACINGS = {"leading": leading, "linspace": linspace, "trailing": trailing, "quadratic": quadratic}
 NAMES = (*SPACINGS, "even", "logsnr")  # even: linspace but at ties, defined by the official code (its test is there)
 GAMMA_SPACINGS = ("analytic_optimal",)  # made from the model's Gamma too (Analytic-DPM): `make(..., gamma=)`
@@ -182,6 +206,7 @@ def make(spacing: str, steps: int, schedule: Schedule, gamma: Tensor | None = No
 
 # -------------------------------------------------------------------- the start: pure noise
 START_SIGNAL = 0.05  # sqrt(alpha_bar) a first step may keep beyond the schedule's own at T-1; see check_start
+START_WARNING = 0.1  # above this, a start the stride clause admits is said out loud (StartWarning)
 
 
 def check_start(timesteps: Tensor | Sequence[int], schedule: Schedule, spacing: str | None = None) -> None:
@@ -193,9 +218,10 @@ def check_start(timesteps: Tensor | Sequence[int], schedule: Schedule, spacing: 
     (results/leading_spacing.md): 0.05 admits the DDIM paper's quadratic spacing on the linear schedule (0.039; the
     best Frechet distance at 10 steps there) and refuses it on the cosine one (0.31: 15% at every step count). The
     stride clause admits coarse grids such as 10 `leading` steps on the cosine schedule (900: 0.15), which PNDM
-    needs there (it diverges from T-1), and the schedule's own end admits toy schedules that never reach noise.
-    To start at t0 on purpose (from an x that is x_t0, e.g. SDEdit), pass the schedule cut there,
-    Schedule(schedule.betas[: t0 + 1]): the visited alpha_bar are the same.
+    needs there (it diverges from T-1), and the schedule's own end admits toy schedules that never reach noise; a
+    start the stride clause admits above START_WARNING (0.1) is said out loud (StartWarning: cosine + leading at 2-8
+    steps keeps 0.70 ... 0.19 of the signal). To start at t0 on purpose (from an x that is x_t0, e.g. SDEdit), pass
+    the schedule cut there, Schedule(schedule.betas[: t0 + 1]): the visited alpha_bar are the same.
     """
     if len(timesteps) == 0:
         raise ValueError("timesteps must hold at least one step")
@@ -203,21 +229,38 @@ def check_start(timesteps: Tensor | Sequence[int], schedule: Schedule, spacing: 
     t0, T = head[0], schedule.T
     first, end = float(schedule.alphas_cumprod[t0]) ** 0.5, float(schedule.alphas_cumprod[T - 1]) ** 0.5
     stride = t0 - head[1] if len(head) > 1 else 0
-    if first <= end + START_SIGNAL or T - 1 - t0 <= stride:
+    if first <= end + START_SIGNAL:
         return
-    n = len(timesteps)
-    if spacing:
-        what = f"the {spacing} spacing with {n} steps starts"
-    else:
-        what = f"these {n} timesteps start" if n > 1 else "a single timestep starts"
+    if T - 1 - t0 <= stride:  # admitted (coarse grids need it), but said whenever it keeps much of the signal
+        if first > START_WARNING:
+            warnings.warn(
+                f"{_what(timesteps, spacing)} at t={t0} of T={T}, where sqrt(alpha_bar)={first:.3f} ({schedule}) of "
+                "the signal is left, but sampling starts from pure noise: expect washed-out samples; a spacing that "
+                "starts at T-1 (trailing, linspace, logsnr) avoids it",
+                StartWarning,
+                stacklevel=3,
+            )
+        return
     why = " (it starts at 0.8 T by definition, made for the linear schedule)" if spacing == "quadratic" else ""
     raise UsageError(
-        f"{what} at t={t0} of T={T}, where sqrt(alpha_bar)={first:.3f} ({schedule}; {end:.3f} at T-1), "
+        f"{_what(timesteps, spacing)} at t={t0} of T={T}, where sqrt(alpha_bar)={first:.3f} ({schedule}; {end:.3f} "
+        "at T-1), "
         f"but every sampler starts from pure noise N(0, I), which lacks that signal{why}: use spacing=trailing, "
         f"linspace or logsnr (they start at the noisy end), or timesteps starting within one step of T-1; to start "
         f"at t={t0} on purpose, from an x at that noise level, pass the schedule cut there: "
         f"Schedule(schedule.betas[: t0 + 1])"
     )
+
+
+class StartWarning(UserWarning):
+    """A sampler starts from pure noise at a timestep that still holds much of the signal (check_start)."""
+
+
+def _what(timesteps: Tensor | Sequence[int], spacing: str | None) -> str:
+    n = len(timesteps)
+    if spacing:
+        return f"the {spacing} spacing with {n} steps starts"
+    return f"these {n} timesteps start" if n > 1 else "a single timestep starts"
 
 
 # -------------------------------------------------------------------- integer helpers

@@ -1,6 +1,8 @@
 """Timestep spacings: S distinct descending steps in range for every S, where each paper puts them, and no sampler
 starting from pure noise at a timestep that still holds signal."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -172,11 +174,29 @@ def test_steps_out_of_range_are_rejected(name):
 SAMPLERS = [samplers.ddpm, samplers.ddim, samplers.pndm, samplers.s_pndm, samplers.plms, samplers.dpm_solver]
 
 
-def test_the_default_sample_configuration_starts_from_noise_on_every_schedule():
-    cfg = OmegaConf.load(CONF / "sample.yaml")  # spacing=leading, steps=50
-    for path in sorted((CONF / "schedule").glob("*.yaml")):
-        sched = instantiate(OmegaConf.load(path))
-        timesteps.check_start(timesteps.make(cfg.spacing, cfg.steps, sched), sched)
+def test_every_samplers_default_spacing_starts_from_noise_on_every_schedule():
+    """sample.py's defaults (spacing=null: each sampler's own; steps=50), without even a StartWarning."""
+    cfg = OmegaConf.load(CONF / "sample.yaml")
+    assert cfg.spacing is None and cfg.steps == 50
+    for sampler in sorted((CONF / "sampler").glob("*.yaml")):
+        target = OmegaConf.load(sampler).get("_target_", "diffusion.samplers.ddim")  # deepcache.yaml: DDIM's
+        spacing, why = timesteps.PAPER_SPACING[target.rsplit(".", 1)[-1]]
+        for path in sorted((CONF / "schedule").glob("*.yaml")):
+            sched = instantiate(OmegaConf.load(path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                timesteps.check_start(timesteps.make(spacing, cfg.steps, sched), sched)
+
+
+def test_a_start_that_keeps_much_of_the_signal_is_said_out_loud():
+    """cosine + leading at 2-8 steps starts at sqrt(alpha_bar) 0.70 ... 0.19 (admitted: one stride below T-1)."""
+    sched = schedule.cosine(1000)
+    for steps in range(2, 9):
+        with pytest.warns(timesteps.StartWarning, match="sampling starts from pure noise"):
+            timesteps.make("leading", steps, sched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        timesteps.make("leading", 10, schedule.linear(1000))  # 900 on the linear schedule: 0.02, silent
 
 
 @pytest.mark.parametrize("sched", [schedule.linear(1000), schedule.cosine(1000)], ids=str)
