@@ -21,10 +21,10 @@ from torch import Tensor
 
 from . import registry
 from .analytic import check_gamma, data_variance, estimate_gamma
-from .checkpoints import weights_digest
 from .errors import UsageError
 from .samplers import Model
 from .schedule import Schedule
+from .weights import weights_digest
 
 __all__ = ["cached_gamma", "training_images", "takes_gamma", "for_sampling", "GAMMA_SEED"]
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,10 @@ from torch import Tensor
 
 from . import registry
 from .errors import UsageError
+from .weights import check_state
 
-__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "check_state",
-           "check_resumable", "weights_digest", "newest"]  # fmt: skip
+__all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "check_resumable",
+           "newest"]  # fmt: skip
 
 
 class CheckpointError(UsageError):
@@ -225,26 +224,6 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
     return model, schedule
 
 
-def check_state(expected: Mapping[str, Tensor], found: Mapping, what: str, against: str) -> None:
-    """CheckpointError, in one line, unless `found` holds a tensor of each name and shape in `expected` and no other
-    (what load_state_dict(strict=True) would say in a page of text, or as a TypeError for a non-tensor)."""
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    if missing or extra:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
-        parts += [f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []
-        raise CheckpointError(f"{what} do not fit {against}: {', '.join(parts)}")
-    for name, want in expected.items():
-        have = found[name]
-        if not isinstance(have, Tensor) or not (have.is_floating_point() or have.dtype == want.dtype):
-            kind = f"a {have.dtype} tensor" if isinstance(have, Tensor) else f"a {type(have).__name__}"
-            raise CheckpointError(f"{what} do not fit {against}: {name} is {kind}, not {want.dtype} weights")
-        if have.shape != want.shape:
-            raise CheckpointError(
-                f"{what} do not fit {against}: {name} is {list(have.shape)} there, {list(want.shape)} here"
-            )
-
-
 # What Lightning needs to continue a run, beside the weights: without `loops` it would start again at step 0.
 RESUME_KEYS = ("loops", "optimizer_states", "lr_schedulers", "global_step", "epoch")
 
@@ -279,17 +258,6 @@ def check_resumable(checkpoint: dict[str, Any], module: torch.nn.Module, path: s
             f"{path}'s optimizer state does not fit this run's {len(params)} parameters: it was not written by "
             "train.py for this model; start a new run without resume= (its weights: sample.py ckpt=...)"
         )
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every entry of a module's state dict, in name order: its name, dtype, shape and bytes. Names a
-    network's weights: a teacher (diffusion.consistency_module), a Gamma cache (diffusion.analytic_cache)."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        h.update(hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest().encode())
-    return h.hexdigest()
 
 
 def _phases(section: Any) -> int:

@@ -120,7 +120,7 @@ def adopt_teacher(cfg: DictConfig, explicit: Iterable[str] = ()) -> nn.Module | 
 
 def _bind(cfg: DictConfig, net: nn.Module, path: Path) -> str:
     """The digest of the teacher's weights, checked against the run's own (cfg.teacher_digest) when it has one."""
-    from .checkpoints import weights_digest
+    from .weights import weights_digest
 
     digest, recorded = weights_digest(net), cfg.get("teacher_digest")
     if recorded is not None and digest != recorded:

@@ -16,12 +16,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import UsageError
 
-__all__ = ["wandb", "has_wandb_credentials", "go_offline_without_credentials", "go_offline_without_server",
-           "reachable", "base_url", "finish_wandb"]  # fmt: skip
+__all__ = ["wandb", "OfflineFallbackWandbLogger", "has_wandb_credentials", "go_offline_without_credentials",
+           "go_offline_without_server", "reachable", "base_url", "finish_wandb"]  # fmt: skip
 
 
 def base_url() -> str:
@@ -112,7 +113,36 @@ def wandb(save_dir: str, project: str = "diffusion", name: str | None = None, id
     go_offline_without_credentials(save_dir)
     go_offline_without_server(save_dir, connect_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, resume="allow" if id else None, **kwargs)
+    return OfflineFallbackWandbLogger(save_dir=save_dir, project=project, name=name, id=id,
+                                      resume="allow" if id else None, **kwargs)  # fmt: skip
+
+
+class OfflineFallbackWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, but a server that answers without being W&B (a proxy, a captive portal, a wrong
+    WANDB_BASE_URL: it passes `reachable`) or refuses the run makes it log offline, said once, instead of stopping
+    the run with wandb's error when the run starts."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        try:
+            return WandbLogger.experiment.fget(self)
+        except Exception as error:
+            errors = getattr(sys.modules.get("wandb"), "errors", None)
+            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
+            if errors is None or not isinstance(error, errors.Error) or offline:
+                raise
+            first = " ".join(str(error).split())[:200]
+            sys.modules["wandb"].teardown()  # the failed start still holds the run id in wandb's service process
+            os.environ["WANDB_MODE"] = "offline"
+            self._wandb_init["mode"] = "offline"
+            runs = Path(self.save_dir or ".") / "wandb"
+            rank_zero_warn(
+                f"W&B: {base_url()} answered, but not as a W&B server would ({type(error).__name__}: {first}), so "
+                f"this run logs offline under {runs}. Upload it later with `wandb sync {runs}/offline-run-*` from a "
+                "machine that reaches W&B; check WANDB_BASE_URL and proxies, or set WANDB_MODE=disabled"
+            )
+            return WandbLogger.experiment.fget(self)
 
 
 def finish_wandb() -> None:

@@ -32,6 +32,7 @@ from .errors import UsageError, reported
 from .plain import check_file_data
 from .schedule import Schedule, cosine, linear, quadratic, sigmoid
 from .unet import NORM_EPS, Attention, UNet
+from .weights import check_state
 
 __all__ = ["load", "unet_from_config", "schedule_from_config", "to_diffusers", "diffusers_config", "scheduler_config",
            "export", "export_checkpoint"]  # fmt: skip
@@ -67,6 +68,17 @@ OTHER_KEYS = (
     "in_channels", "out_channels", "layers_per_block", "dropout", "attention_head_dim", "norm_num_groups",
     "attn_norm_num_groups", "time_embedding_dim", "num_train_timesteps",  # the last: only for learned embeddings
 )  # fmt: skip
+# The types of the keys we read (None: absent, diffusers' default), checked before anything is built from them.
+TYPES = {
+    "in_channels": (int, "a whole number"), "out_channels": (int, "a whole number"),
+    "layers_per_block": (int, "a whole number"), "norm_num_groups": (int, "a whole number"),
+    "attn_norm_num_groups": (int, "a whole number"), "attention_head_dim": (int, "a whole number"),
+    "time_embedding_dim": (int, "a whole number"), "num_train_timesteps": (int, "a whole number"),
+    "dropout": ((int, float), "a number"), "sample_size": ((int, list), "a whole number (or [H, W])"),
+    "block_out_channels": (list, "a list of whole numbers"), "down_block_types": (list, "a list of block names"),
+    "up_block_types": (list, "a list of block names"),
+}  # fmt: skip
+ITEM_TYPES = {"sample_size": int, "block_out_channels": int, "down_block_types": str, "up_block_types": str}
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "GaussianDDPMScheduler")  # the last: legacy name
 # diffusers' beta_schedule -> ours; each is the same formula (tests/test_pretrained.py checks them against diffusers)
 BETA_SCHEDULES = {"linear": linear, "scaled_linear": quadratic, "squaredcos_cap_v2": cosine, "sigmoid": sigmoid}
@@ -139,12 +151,12 @@ def load(folder: str | Path) -> tuple[UNet, Schedule]:
     if scheduler is None:
         raise UsageError(f"{folder} has no scheduler_config.json (nor scheduler/scheduler_config.json), so the "
                          f"noise schedule the weights were trained under is unknown; {HOW_TO_GET}")  # fmt: skip
-    model = unet_from_config(_read_json(config), where=config)
+    with torch.device("meta"):  # no memory yet: a config asking for widths of 200,000 must not allocate 640 GB
+        model = unet_from_config(_read_json(config), where=config)
     state = _from_diffusers(_read_weights(unet_dir), model, unet_dir)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise UsageError(f"the weights in {unet_dir} do not fit {config}: {error}") from None
+    expected = model.state_dict()
+    check_state(expected, state, f"the weights in {unet_dir}", str(config))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     schedule_path = scheduler / "scheduler_config.json"
     return model.eval(), schedule_from_config(_read_json(schedule_path), where=schedule_path)
 
@@ -158,6 +170,13 @@ def unet_from_config(config: dict, where: str | Path = "config.json") -> UNet:
     for key in SHAPE_KEYS:
         if key not in config:
             raise UsageError(f"{where} lacks '{key}': it is not a complete UNet2DModel config")
+    for key, (kinds, what) in TYPES.items():
+        value = config.get(key)
+        ok = isinstance(value, kinds) and not isinstance(value, bool) if value is not None else key not in SHAPE_KEYS
+        if ok and isinstance(value, list):
+            ok = len(value) > 0 and all(isinstance(v, ITEM_TYPES[key]) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise UsageError(f"{where}: {key}={value!r} is not {what}")
     unknown = [k for k, v in config.items() if not k.startswith("_") and k not in (*FIXED, *SHAPE_KEYS, *OTHER_KEYS)]
     if unknown:
         raise UsageError(f"{where}: option {unknown[0]}={config[unknown[0]]!r} is not supported by our UNet")

@@ -451,6 +451,7 @@ def test_a_distillation_run_is_bound_to_its_teachers_weights(runs, tmp_path):
 
     from diffusion import checkpoints
     from diffusion.errors import UsageError
+    from diffusion.weights import weights_digest
     from train import train
 
     from .conftest import compose_config
@@ -458,7 +459,7 @@ def test_a_distillation_run_is_bound_to_its_teachers_weights(runs, tmp_path):
     teacher = runs / "teacher" / "checkpoints" / "last.ckpt"
     student = checkpoints.load(runs / "cd" / "checkpoints" / "last.ckpt")
     net, _ = checkpoints.load_model(checkpoints.load(teacher))
-    assert student["config"]["teacher_digest"] == checkpoints.weights_digest(net)
+    assert student["config"]["teacher_digest"] == weights_digest(net)
     here = tmp_path / "teacher.ckpt"  # the run's teacher path, in a folder of this test's
     shutil.copy(teacher, here)
     student["config"]["teacher"] = str(here)

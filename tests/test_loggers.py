@@ -78,6 +78,47 @@ def test_training_logs_offline_when_the_server_is_unreachable(tmp_path, key_but_
     assert b"train/loss" in next(run_dir.glob("*.wandb")).read_bytes()
 
 
+@pytest.fixture
+def not_wandb(monkeypatch, key_but_no_server) -> Iterator[str]:
+    """A server that answers every request with a captive portal's HTML page: TCP opens, so `reachable` passes."""
+    import http.server
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's names)
+            body = b"<html><body>Welcome to the hotel wifi. Please log in.</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_is_not_wandb_means_offline_too(tmp_path, not_wandb):
+    """A proxy, a captive portal or a wrong WANDB_BASE_URL passes the reachability check; wandb.init then failed with
+    its own error and stopped the run. Now the run trains and logs offline, and says why."""
+    cfg = compose_config("train", [*TINY_RUN, "trainer.max_steps=3", "logger=wandb", "logger.connect_timeout=2"],
+                         tmp_path)  # fmt: skip
+    with pytest.warns(UserWarning, match=f"W&B: {not_wandb} answered, but not as a W&B server would"):
+        assert train(cfg).global_step == 3
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert b"train/loss" in next(run_dir.glob("*.wandb")).read_bytes()
+
+
 def test_a_run_that_logs_elsewhere_never_imports_wandb(tmp_path, monkeypatch):
     """The GPU check logs to CSV, on machines that may lack W&B (.ci/gpu_wheels brings none): its runs must not
     import wandb, not even to close a W&B run that never started."""

@@ -237,6 +237,42 @@ def test_unsupported_unet_options_are_named(change, message):
 @pytest.mark.parametrize(
     "change, message",
     [
+        ({"dropout": "x"}, r"dropout='x' is not a number"),
+        ({"layers_per_block": 1.5}, r"layers_per_block=1.5 is not a whole number"),
+        ({"block_out_channels": [128, "256"]}, r"block_out_channels=\[128, '256'\] is not a list of whole numbers"),
+        ({"down_block_types": [{"a": 1}]}, r"down_block_types=\[\{'a': 1\}\] is not a list of block names"),
+        ({"in_channels": True}, r"in_channels=True is not a whole number"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(change, message):
+    """They used to reach the UNet's constructor: a TypeError (dropout: "x") or an unhashable list."""
+    with pytest.raises(UsageError, match=message):
+        pretrained.unet_from_config({**CIFAR10, **change})
+
+
+def test_a_folder_that_asks_for_more_than_its_weights_is_refused_before_allocating(tmp_path):
+    """Widths of 200,000 in config.json beside small weights: the network is built on the meta device and checked
+    against the weights first (it was a 640 GB allocation); JSON nested 100,000 deep is one line (RecursionError)."""
+    saved(tmp_path, TWO_ATTN)
+    huge = {**TWO_ATTN, "block_out_channels": [200_000, 400_000, 400_000], "attention_head_dim": None}
+    (tmp_path / "config.json").write_text(json.dumps(huge))
+    with pytest.raises(
+        UsageError, match=r"do not fit .*config.json: temb.0.weight is \[64, 16\] there, \[800000, 200000\] here"
+    ):
+        pretrained.load(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UsageError, match=r"config.json nests too deep to be a diffusers config"):
+        pretrained.load(tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps({**TWO_ATTN, "deep": "[" * 34 + "]" * 34}).replace('"[', "[").replace(']"', "]")
+    )
+    with pytest.raises(UsageError, match=r"nests 32 levels deep"):
+        pretrained.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
         ({"prediction_type": "v_prediction"}, r"prediction_type='v_prediction' is not supported.*'epsilon'"),
         ({"beta_schedule": "laplace"}, r"beta_schedule='laplace' is not supported; choose one of linear, scaled_l"),
         ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr=true is not supported"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import open_dict
 
 from diffusion.errors import UsageError
 from sample import sample
@@ -225,3 +227,86 @@ def test_analytic_dpm_on_a_pretrained_folder_needs_the_data_named(ckpt, tmp_path
         sample(compose_config("sample", common, tmp_path / "no-data"))
     images = sample(compose_config("sample", [*common, "data=synthetic", "data.image_size=16"], tmp_path / "ok"))
     assert images.shape == (2, 16, 16, 3) and len(list(Path(folder).glob("analytic.ema.gamma.M2.*.npz"))) == 1
+
+
+# ---------------------------------------------------------------- long work is never lost to a late error
+
+
+class Features2048(torch.nn.Module):
+    """A stand-in FID extractor of the Inception's width (2048), so that reference statistics can be checked against
+    it without the Inception's weights."""
+
+    features, name = 2048, "stand-in-2048"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1)[:, :1].repeat(1, 2048) / 255
+
+
+def _stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    np.savez(path, mu=mu, sigma=sigma)
+    return path
+
+
+def _never_sample(*args, **kwargs):
+    raise AssertionError("no image may be drawn for a run that is refused")
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("file", "is a file, not a folder"),
+        ("proc", "cannot write into out_dir=/proc/"),
+        ("nan", "holds unusable reference statistics: mu or sigma has NaN"),
+        ("asymmetric", "holds unusable reference statistics: sigma is not symmetric"),
+        ("width", "holds statistics of 64 features, stand-in-2048 gives 2048"),
+        ("inception", "the FID Inception weights are missing"),
+        ("huge", "n_samples=100000000000 needs"),
+    ],
+)
+def test_what_would_fail_after_sampling_is_refused_before_it(problem, message, ckpt, tmp_path, monkeypatch):
+    """Each used to raise after every sample was drawn (a traceback, or a misleading 'another run wrote ...'); the
+    huge n_samples was OOM-killed at 22 GB without a word. Now: one line, before the first image."""
+    import sample as sample_script
+    from diffusion import inception, metrics
+
+    monkeypatch.setattr(sample_script, "generate", _never_sample)
+    monkeypatch.setattr(metrics, "Inception", Features2048)
+    eye = np.eye(64)
+    out, extra = tmp_path / "out", []
+    if problem == "file":
+        out.write_text("a file")
+    elif problem == "proc":
+        out = Path("/proc/diffusion-samples")
+    elif problem in ("nan", "asymmetric", "width"):
+        mu, sigma = np.zeros(2048 if problem != "width" else 64), np.eye(2048 if problem != "width" else 64)
+        mu[0] = np.nan if problem == "nan" else 0
+        if problem == "asymmetric":
+            sigma[0, 1] = 1.0
+        extra = ["fid=true", f"fid_ref={_stats(tmp_path / 'ref.npz', mu, sigma)}"]
+    elif problem == "inception":
+        monkeypatch.setattr(metrics, "Inception", inception.Inception)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        monkeypatch.setattr(inception, "_download", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+        extra = ["fid=true", f"fid_ref={_stats(tmp_path / 'ref.npz', np.zeros(64), eye)}"]
+    else:
+        extra = ["n_samples=100000000000"]
+    cfg = compose_config("sample", [f"ckpt={ckpt}", "logger=none", "steps=2", *extra], tmp_path)
+    with open_dict(cfg):
+        cfg.out_dir = str(out)
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        sample(cfg)
+    assert "\n" not in str(error.value)
+
+
+def test_an_error_after_the_samples_are_written_says_where_they_are(ckpt, tmp_path, monkeypatch):
+    import sample as sample_script
+
+    def broken(*args):
+        raise UsageError("the scoring failed")
+
+    monkeypatch.setattr(sample_script, "_fid", broken)
+    monkeypatch.setattr(sample_script.metrics, "Inception", Features2048)
+    ref = _stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    with pytest.raises(UsageError, match=r"the scoring failed \(the 6 samples are saved in .*samples.npz"):
+        draw(tmp_path / "out", ckpt, "steps=2", "fid=true", f"fid_ref={ref}")
+    assert np.load(tmp_path / "out" / "samples.npz")["arr_0"].shape == (6, 16, 16, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion import checkpoints
+from diffusion.errors import UsageError
 from diffusion.training import eps_loss
 from train import train
 
@@ -165,6 +167,23 @@ def test_unknown_option_is_one_clear_line(tmp_path, entry_point):
     assert code == 1
     assert "Could not find 'schedule/cosinee'" in stderr and "cosine" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: use a whole number of steps >= 1"),
+        ("data.batch_size=0", "data.batch_size=0: use a whole number >= 1"),
+        ("optim.lr=-1", "optim: Invalid learning rate: -1"),
+        ("optim.betas=[0.9,1.5]", "optim: Invalid beta parameter at index 1: 1.5"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: use a whole number >= 1"),
+    ],
+)
+def test_bad_counts_and_optimizer_arguments_are_one_line_before_training(tmp_path, override, message):
+    """They used to be a ZeroDivisionError inside Lightning, or torch's ValueError from inside its setup."""
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        train(compose_config("train", [*TINY_RUN, override], tmp_path))
+    assert "\n" not in str(error.value) and not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_dataset_says_where_to_put_it(tmp_path):

@@ -76,6 +76,20 @@ def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path):
         checkpoints.load(tmp_path / "foreign.ckpt")
 
 
+def test_a_checkpoint_that_would_inflate_past_its_size_is_refused_unread(tmp_path):
+    """torch.save writes stored (uncompressed) zip members; a deflated member inflates under torch.load (2.6 MB held
+    1 GiB). Refused before torch.load reads a byte of it, as are members that overlap (claiming more than the file)."""
+    import zipfile
+
+    torch.save({"state_dict": {"w": torch.zeros(4)}, "config": {}}, tmp_path / "real.ckpt")
+    with zipfile.ZipFile(tmp_path / "real.ckpt") as real, zipfile.ZipFile(tmp_path / "packed.ckpt", "w") as packed:
+        for info in real.infolist():
+            packed.writestr(info.filename, real.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(checkpoints.CheckpointError, match="holds a compressed member .* which torch.save never"):
+        checkpoints.load(tmp_path / "packed.ckpt")
+    assert checkpoints.load(tmp_path / "real.ckpt")["state_dict"]["w"].shape == (4,)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this ran from a checkpoint",))
