@@ -26,8 +26,9 @@ from diffusion import schedule, solvers  # noqa: E402
 
 MIXTURES = {
     "A: 3x8x8, 6 modes, std 0.1": functools.partial(image_mixture),
-    "B: 1x4x4, 3 modes, std 0.3": functools.partial(image_mixture, image_size=4, channels=1, num_modes=3, std=0.3,
-                                                     contrast=0.8, seed=1),  # fmt: skip
+    "B: 1x4x4, 3 modes, std 0.3": functools.partial(
+        image_mixture, image_size=4, channels=1, num_modes=3, std=0.3, contrast=0.8, seed=1
+    ),  # fmt: skip
 }
 
 

@@ -419,6 +419,8 @@ def test_a_cd_run_writes_a_checkpoint_that_samples_through_sample_py(runs):
     overrides = [f"ckpt={runs / 'cd' / 'checkpoints' / 'last.ckpt'}", "logger=none", "n_samples=2", "batch_size=2",
                  "sampler=consistency", "steps=2", "sampler.times=[999,342]"]  # fmt: skip
     assert sample(compose_config("sample", overrides, runs / "sample_times")).shape == (2, 16, 16, 3)
+    overrides = [*overrides[:-1], "sampler.spacing=null"]  # sample.py's timesteps: the sampler's own, trailing
+    assert sample(compose_config("sample", overrides, runs / "sample_null")).shape == (2, 16, 16, 3)
 
 
 def test_a_cd_run_resumes(runs):

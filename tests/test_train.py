@@ -42,8 +42,10 @@ def script(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> s
 # ---------------------------------------------------------------- one run
 
 
-def test_a_run_writes_checkpoints_samples_and_metrics(tmp_path):
-    module, cfg = run(tmp_path)
+def test_a_run_writes_checkpoints_samples_and_metrics(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        module, cfg = run(tmp_path)
+    assert "weights_only" not in caplog.text  # each save said "`weights_only` was not set, defaulting to `False`."
     ckpt = checkpoints.load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 6 and ckpt["config"]["run_id"] == cfg.run_id
     assert {"model.conv_in.weight", "ema.conv_in.weight"} <= ckpt["state_dict"].keys()
