@@ -3,26 +3,16 @@
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import time
-from pathlib import Path
-
 import hydra
 import numpy as np
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffusion import analytic_cache, errors, metrics, runs, timesteps
-from diffusion.consistency import ConsistencyModel, consistency_sampling
-from diffusion.errors import UsageError
-from diffusion.generation import PRECISIONS, Autocast, check_room, distributed, generate
-from diffusion.images import grid, save_npz, save_png
-from diffusion.options import check_options
-
-SEARCH_ROOTS = ("outputs", "multirun")
+from diffusion.cli import runs
+from diffusion.cli import sample_run as run
+from diffusion.cli.options import check_options
+from diffusion.errors import reported
+from diffusion.sampling.analytic import timesteps_for
+from diffusion.sampling.generate import check_room, distributed
 
 
 def sample(cfg: DictConfig) -> np.ndarray | None:
@@ -32,187 +22,27 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
     with distributed() as dist:
         check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
-        source, model, schedule, trained, weights = _load(cfg, device)
-        sampler, spacing, shape = _plan(cfg, model, schedule, source, device)
+        source, model, schedule, trained, weights = run.load(cfg, device)
+        sampler, spacing, shape = run.plan(cfg, model, schedule, source, device)
         out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
         dist.on_main(check_room, cfg.n_samples, shape, out)
-        after = {}  # what the main process needs once the samples are drawn, prepared (and checked) now
-        if cfg.fid:
-            reference = cfg.fid_ref or trained.get("data")
-            dist.on_main(lambda: after.update(fid=metrics.prepare(reference, cache_dir=cfg.fid_stats_dir,
-                                                                 image_size=shape[1])))  # fmt: skip
-        if cfg.logger:
-            dist.on_main(lambda: after.update(logger=_logger(cfg, trained)))
-        gamma = None
-        if analytic_cache.takes_gamma(sampler):  # Analytic-DPM: the model's Gamma, computed once, cached
-            gamma, data_var = dist.on_main(_gamma, cfg, model, schedule, trained, weights, source, device)
-            sampler = functools.partial(sampler, gamma=gamma, data_var=data_var)  # data_var: Theorem 2's bound
-        ts = timesteps.make(spacing, cfg.steps, schedule, gamma=gamma)
-        net = _wrap(cfg, model, ts)
+        after = run.prepare(dist, cfg, trained, shape)  # FID's reference, the logger: checked now
+        sampler, gamma = run.with_gamma(dist, cfg, sampler, model, schedule, trained, weights, source, device)
+        ts = timesteps_for(spacing, cfg.steps, schedule, gamma)
+        net = run.wrap(cfg, model, ts)  # DeepCache, Skip-Tuning, autocast: no sampler knows about them
         if dist.is_main:
-            print(f"sampling {cfg.n_samples} images from {source} with {_describe(cfg, spacing)} on {device} -> {out}")
-
-        start, calls, batches, nonfinite, shards = time.perf_counter(), 0, 0, 0, []
-        for images, n_calls, n_bad in generate(
-            net, sampler, schedule, ts, shape, dist.shard(cfg.n_samples), seed=cfg.seed,
-            batch_size=cfg.batch_size, device=device, prepare=getattr(net, "reset", None), progress=dist.is_main,
-        ):  # fmt: skip
-            shards.append(images)
-            calls, batches, nonfinite = calls + n_calls, batches + 1, nonfinite + n_bad
-        if nonfinite := dist.total(nonfinite):  # every rank stops here, before the gather writes anything
-            raise UsageError(_nonfinite_message(cfg, nonfinite))
-        images = dist.gather(np.concatenate(shards), cfg.n_samples, out)
-        seconds = time.perf_counter() - start
+            print(f"sampling {cfg.n_samples} images from {source} with {run.describe(cfg, spacing)} on {device} "
+                  f"-> {out}")  # fmt: skip
+        images, stats = run.draw(dist, net, sampler, schedule, ts, shape, cfg, device)
         if not dist.is_main:
             return None
-
-    stats = {"nfe": calls / max(batches, 1), "seconds": seconds, "images_per_s": cfg.n_samples / seconds}
-    try:
-        save_npz(images, out / "samples.npz", replace=False)
-    except FileExistsError:
-        raise UsageError(f"another run wrote {out / 'samples.npz'} meanwhile: pass a new out_dir=PATH") from None
-    print(f"NFE {stats['nfe']:g} per image, {seconds:.1f} s, {stats['images_per_s']:.2f} images/s; wrote {out}")
-    try:
-        if cfg.grid:
-            save_png(grid(images[:256]), out / "grid.png")
-        if cfg.png:
-            for i, image in enumerate(images):
-                save_png(image, out / "images" / f"{i:06d}.png")
-        if cfg.fid:
-            stats.update(_fid(images, out, *after["fid"]))
-        if cfg.logger:
-            _log(after["logger"], cfg, images, stats, source, trained, spacing)
-    except (UsageError, OSError) as error:  # the samples are safe: say where, and what is left to do
-        raise UsageError(f"{error} (the {len(images)} samples are saved in {out / 'samples.npz'}; "
-                         f"python -m diffusion.metrics fid scores them)") from error  # fmt: skip
+    run.write(images, out, cfg, stats, after, source, trained, spacing)
     return images
-
-
-def _plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
-    """(sampler, spacing, image shape [C, H, W]) after the checks that need the model: steps <= T, the sampler
-    fits the model, the sampler's own option checks on one zero pixel along the very timesteps it will take, and
-    the wrappers' (Skip-Tuning, DeepCache) on this UNet."""
-    if not cfg.steps <= schedule.T:
-        raise UsageError(f"steps={cfg.steps} is out of range: choose 1 <= steps <= T={schedule.T} (the model's T)")
-    sampler = instantiate(cfg.sampler)
-    if getattr(sampler, "func", None) is consistency_sampling and not isinstance(model, ConsistencyModel):
-        raise UsageError(f"sampler=consistency samples consistency models (train.py experiment=cd, ct or pcm), and "
-                         f"{source} is a diffusion model: use sampler=ddim, dpm_solver, unipc, ...")  # fmt: skip
-    spacing = cfg.spacing or timesteps.paper_spacing(sampler)[0]
-    try:  # with a zero Gamma for Analytic-DPM, whose optimal trajectory needs the real one
-        check = sampler
-        if analytic_cache.takes_gamma(sampler):
-            check = functools.partial(sampler, gamma=torch.zeros(schedule.T, dtype=torch.float64), data_var=1.0)
-        ts = timesteps.make("even" if spacing in timesteps.GAMMA_SPACINGS else spacing, cfg.steps, schedule)
-        check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
-    except ValueError as error:
-        raise UsageError(f"sampler options: {error}") from error
-    _wrap(cfg, model, ts)  # Skip-Tuning's and DeepCache's own checks, before anything is written
-    return sampler, spacing, (model.in_channels, model.resolution, model.resolution)
-
-
-def _wrap(cfg: DictConfig, model, ts):
-    """The network the sampler calls: Skip-Tuning and DeepCache around the model (their own checks as UsageErrors,
-    naming the group), under autocast for bf16 / fp16."""
-    group = "skip"
-    try:
-        net = instantiate(cfg.skip)(model) if cfg.skip else model
-        group = "cache"
-        net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
-    except ValueError as error:
-        raise UsageError(f"{group} options: {error}") from error
-    return Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
-
-
-def _load(cfg: DictConfig, device: torch.device):
-    """(source, model, schedule, training config, weights path) from ckpt=, pretrained= or the newest checkpoint."""
-    from diffusion import checkpoints  # Lightning: imported once the options are known to be good
-
-    if cfg.pretrained:
-        from diffusion import pretrained
-
-        model, schedule = pretrained.load(cfg.pretrained)
-        model = model.to(device).eval().requires_grad_(False)
-        return cfg.pretrained, model, schedule.to(device), {}, Path(cfg.pretrained)
-    path = Path(cfg.ckpt) if cfg.ckpt else _newest_checkpoint()
-    checkpoint = checkpoints.load(path)
-    model, schedule = checkpoints.load_model(checkpoint, use_ema=cfg.use_ema, device=device)
-    return f"{path} ({'EMA' if cfg.use_ema else 'raw'} weights)", model, schedule, checkpoint["config"], path
-
-
-def _gamma(cfg: DictConfig, model, schedule, trained: dict, weights: Path, source: str, device) -> tuple:
-    """Analytic-DPM's (Gamma, data_var) from cfg.gamma_M images of data=NAME, else of the checkpoint's training data."""
-    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else trained.get("data")
-    label = "ema" if cfg.use_ema else "raw"
-    return analytic_cache.for_sampling(model, schedule, weights=weights, label=label, data=data, M=cfg.gamma_M,
-                                       batch_size=cfg.gamma_batch_size, device=device, source=source)  # fmt: skip
-
-
-def _nonfinite_message(cfg: DictConfig, n: int) -> str:
-    fixes = [] if cfg.pretrained else [f"use_ema={str(not cfg.use_ema).lower()}", "an earlier step_XXXXXXX.ckpt"]
-    fixes += ["precision=fp32"] if cfg.precision != "fp32" else []
-    return (f"{n} of {cfg.n_samples} images are NaN or infinite, so nothing was written: the weights have probably "
-            f"diverged. Try {' or '.join(fixes) or 'other weights'}")  # fmt: skip
-
-
-def _describe(cfg: DictConfig, spacing: str) -> str:
-    name = cfg.sampler._target_.rsplit(".", 1)[-1]
-    skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
-    cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
-    whose = timesteps.PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))[1]
-    own = "" if cfg.spacing else f" (the sampler's own: {whose}; spacing= to choose)"
-    return f"{name}{skip}{cache}, {cfg.steps} {spacing} steps{own}"
-
-
-def _fid(images: np.ndarray, out: Path, reference, extractor) -> dict:
-    result = metrics.fid_of(images, reference, extractor)
-    print(result)
-    (out / "fid.json").write_text(json.dumps(result.as_dict(), indent=2))
-    return {f"fid/{k}" if k != "fid" else "fid": v for k, v in result.as_dict().items()}
-
-
-def _logger(cfg: DictConfig, trained: dict):
-    """The configured logger, built before sampling (W&B: a run of job type `sample` in the training project)."""
-    os.environ.setdefault("WANDB_JOB_TYPE", "sample")
-    if trained.get("logger", {}).get("project") and cfg.logger.get("project") == "diffusion":
-        cfg.logger.project = trained["logger"]["project"]  # beside the training run it came from
-    return instantiate(cfg.logger)
-
-
-def _log(logger, cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict, spacing: str) -> None:
-    """Record the run: its config, figures and (W&B) a grid of samples."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from diffusion import loggers
-
-    config = {**OmegaConf.to_container(cfg, resolve=True), "source": source, "train_run_id": trained.get("run_id"),
-              "spacing": spacing}  # fmt: skip
-    logger.log_hyperparams(config)
-    logger.log_metrics(stats)
-    if isinstance(logger, WandbLogger):
-        logger.log_image("samples", [grid(images[:64])], caption=[_describe(cfg, spacing)])
-        logger.experiment.summary.update(stats)
-    logger.finalize("success")
-    loggers.finish_wandb()
-
-
-def _newest_checkpoint() -> Path:
-    from diffusion import checkpoints
-
-    found = [p for p in (checkpoints.newest(r) for r in SEARCH_ROOTS if Path(r).is_dir()) if p is not None]
-    if not found:
-        raise UsageError(
-            f"no checkpoint found under {' or '.join(SEARCH_ROOTS)}/: train one first "
-            "(python train.py experiment=quickstart) or pass ckpt=PATH/TO/last.ckpt or pretrained=DIR"
-        )
-    path = max(found, key=lambda p: p.stat().st_mtime)
-    print(f"using the newest checkpoint: {path}")
-    return path
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with errors.reported():
+    with reported():
         sample(cfg)
 
 

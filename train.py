@@ -11,20 +11,22 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import checkpoints, loggers, precision, resume
-from diffusion.consistency_module import ConsistencyModule, adopt_teacher
+from diffusion.cli import loggers, resume
+from diffusion.cli.launch import job_environment
+from diffusion.cli.options import check_optimizer, check_train_options
+from diffusion.cli.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
 from diffusion.errors import reported
-from diffusion.launch import job_environment
-from diffusion.options import check_optimizer, check_train_options
-from diffusion.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
-from diffusion.training import DiffusionModule
+from diffusion.io import checkpoints
+from diffusion.training import precision
+from diffusion.training.consistency import ConsistencyModule, adopt_teacher
+from diffusion.training.module import DiffusionModule
 
 
 def train(cfg: DictConfig) -> DiffusionModule:
     """Build data, model, module, logger and trainer from `cfg` and fit; returns the trained module.
 
-    With `resume=PATH` the checkpoint's config is the base (diffusion.resume): same model, data and W&B run, its
-    sections built through diffusion.registry. With a `consistency:` section (experiment=cd, ct, pcm) the module is
+    With `resume=PATH` the checkpoint's config is the base (diffusion.cli.resume): same model, data and W&B run, its
+    sections built through diffusion.io.registry. With a `consistency:` section (experiment=cd, ct, pcm) the module is
     a ConsistencyModule, bound to its teacher's weights."""
     overrides, checkpoint, from_file = resume.command_line_overrides(), None, frozenset()
     if cfg.resume:

@@ -30,16 +30,22 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.mixture_testbed import RESULTS, image_mixture, load_checkpoint, noise_floor  # noqa: E402
-from diffusion import analytic, likelihood, samplers, schedule, timesteps  # noqa: E402
+from diffusion import (
+    sampling,
+    schedule,
+    timesteps,  # noqa: E402
+)
+from diffusion.evaluation import likelihood
+from diffusion.sampling import analytic
 
 # (name, sampler, options, spacings); every row unclipped: the mixture is unbounded
 ROWS = (
-    ("ddpm, σ²=β̃", samplers.ddpm, {"variance": "posterior"}, ("even",)),
-    ("ddpm, σ²=β", samplers.ddpm, {"variance": "beta"}, ("even",)),
+    ("ddpm, σ²=β̃", sampling.ddpm, {"variance": "posterior"}, ("even",)),
+    ("ddpm, σ²=β", sampling.ddpm, {"variance": "beta"}, ("even",)),
     ("analytic_ddpm", analytic.analytic_ddpm, {"noise_cap": None}, ("even", "analytic_optimal")),
-    ("ddim η=0", samplers.ddim, {"eta": 0.0}, ("even",)),
+    ("ddim η=0", sampling.ddim, {"eta": 0.0}, ("even",)),
     ("analytic_ddim η=0", analytic.analytic_ddim, {"eta": 0.0, "noise_cap": None}, ("even", "analytic_optimal")),
-    ("ddim η=1", samplers.ddim, {"eta": 1.0}, ("even",)),
+    ("ddim η=1", sampling.ddim, {"eta": 1.0}, ("even",)),
     ("analytic_ddim η=1", analytic.analytic_ddim, {"eta": 1.0, "noise_cap": None}, ("even",)),
 )
 NLL_ROWS = (("ddpm, σ²=β̃", "posterior"), ("ddpm, σ²=β", "beta"), ("analytic_ddpm", "analytic"))

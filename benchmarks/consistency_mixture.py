@@ -38,15 +38,20 @@ from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks import mixture_testbed as mt  # noqa: E402
-from diffusion import consistency as cm  # noqa: E402
-from diffusion import samplers, schedule, timesteps  # noqa: E402
-from diffusion.training import ema_update  # noqa: E402
+from diffusion import (
+    sampling,
+    schedule,
+    timesteps,  # noqa: E402
+)
+from diffusion.sampling import consistency as cm  # noqa: E402
+from diffusion.training import losses  # noqa: E402
+from diffusion.training.module import ema_update  # noqa: E402
 
 SIGMA_DATA = 0.5  # Karras et al.'s sigma_data: the mixture's per-pixel std is 0.53 (means +-0.6, spread 0.1)
 BASELINES = (
-    mt.Row("ddim η=0", samplers.ddim),
-    mt.Row("dpm_solver++(2M)", samplers.dpm_solver, "logsnr"),
-    mt.Row("pndm (F-PNDM)", samplers.pndm),
+    mt.Row("ddim η=0", sampling.ddim),
+    mt.Row("dpm_solver++(2M)", sampling.dpm_solver, "logsnr"),
+    mt.Row("pndm (F-PNDM)", sampling.pndm),
 )
 
 
@@ -126,10 +131,10 @@ def train(kind: str, data, sched, iterations: int, *, batch: int = 256, lr: floa
     for i in range(iterations):
         x0 = data.sample(batch, generator=g).float()
         if kind == "ct":  # Song & Dhariwal 2023: pseudo-Huber, the N curriculum, lognormal n, no target EMA
-            n = min(cm.ct_steps(i, iterations, 10, 1280), sched.T)
-            loss = cm.ct_loss(f, f, sched, x0, N=n, grid=grid, generator=g)
+            n = min(losses.ct_steps(i, iterations, 10, 1280), sched.T)
+            loss = losses.ct_loss(f, f, sched, x0, N=n, grid=grid, generator=g)
         else:
-            loss = cm.cd_loss(f, f_target, teacher, sched, x0, N=N, k=k, phases=phases, solver=solver, grid=grid,
+            loss = losses.cd_loss(f, f_target, teacher, sched, x0, N=N, k=k, phases=phases, solver=solver, grid=grid,
                               weighting=weighting, generator=g)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,7 +218,7 @@ def main(argv=None) -> dict:
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     held_out_seed = torch.Generator().manual_seed(args.seed + 7)  # the times are searched on other seeds
     held_out = torch.randn((args.search_samples, *data.shape), generator=held_out_seed, dtype=torch.float64)
-    endpoint = samplers.dpm_solver(exact, x_T, sched, timesteps.logsnr(mt.ENDPOINT_STEPS, sched), clip=False)
+    endpoint = sampling.dpm_solver(exact, x_T, sched, timesteps.logsnr(mt.ENDPOINT_STEPS, sched), clip=False)
     rows = {}  # name -> {steps: (nfe, measures)}
     for row in BASELINES:
         result = mt.table((row,), exact, data, sched, (10, 20, 50, 100), n, seed=args.seed, keep=True)

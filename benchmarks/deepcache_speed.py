@@ -32,10 +32,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.testbed import CIFAR10, jittered
-from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
-from diffusion.macs import count_ops
+from diffusion import sampling, schedule, timesteps
 from diffusion.unet import UNet
+from diffusion.wrappers.deepcache import DeepCache, cached_cost, macs_speedup
+from diffusion.wrappers.macs import count_ops
 
 PAPER = {2: (1.40, 1.47), 3: (1.61, 1.72), 5: (1.85, 2.03), 10: (2.07, 2.32)}  # measured, MACs
 
@@ -56,7 +56,7 @@ def ddim_runs(model: UNet, x_T: torch.Tensor, sched, ts: torch.Tensor, intervals
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            x0 = samplers.ddim(net, x_T, sched, ts)
+            x0 = sampling.ddim(net, x_T, sched, ts)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, x0.float()

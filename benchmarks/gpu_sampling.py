@@ -23,11 +23,11 @@ from torch import Tensor
 
 from benchmarks.deepcache_speed import PAPER, ddim_runs
 from benchmarks.testbed import diffusers_unet, seconds
-from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import cached_cost, macs_speedup
-from diffusion.generation import Autocast
-from diffusion.pretrained import scheduler_config, to_diffusers
+from diffusion import sampling, schedule, timesteps
+from diffusion.io.pretrained import scheduler_config, to_diffusers
+from diffusion.sampling.generate import Autocast
 from diffusion.unet import UNet
+from diffusion.wrappers.deepcache import cached_cost, macs_speedup
 
 __all__ = ["sampling_rows", "deepcache_rows"]
 
@@ -61,7 +61,7 @@ def sampling_rows(model: UNet, *, batch: int, steps: int, device: torch.device, 
     def ours(net) -> Callable[[], Tensor]:
         def run() -> Tensor:
             x_T = torch.randn(shape, generator=torch.Generator(device).manual_seed(0), device=device)
-            return (samplers.ddim(net, x_T, sched, ts, clip=True) / 2 + 0.5).clamp(0, 1).float().cpu()
+            return (sampling.ddim(net, x_T, sched, ts, clip=True) / 2 + 0.5).clamp(0, 1).float().cpu()
 
         return run
 

@@ -34,11 +34,15 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from benchmarks.mixture_testbed import RESULTS, image_mixture, noise_floor  # noqa: E402
-from diffusion import samplers, schedule, timesteps  # noqa: E402
+from diffusion import (
+    sampling,
+    schedule,
+    timesteps,  # noqa: E402
+)
 from diffusion.mixture import GaussianMixture  # noqa: E402
 from diffusion.schedule import Schedule  # noqa: E402
 
-SAMPLERS = {"ddim η=0": samplers.ddim, "ddpm (β̃)": samplers.ddpm}
+SAMPLERS = {"ddim η=0": sampling.ddim, "ddpm (β̃)": sampling.ddpm}
 
 
 def candidates(S: int, T: int) -> dict[str, Tensor]:
@@ -82,7 +86,7 @@ def spacing_table(data, sched, steps: Sequence[int], x_T: Tensor, reference: Ten
             for ts in candidates(S, sched.T).values():
                 out = run(sampler, data, sched, ts, x_T)
                 first = sched.alphas_cumprod[ts[0]].sqrt().item()
-                ref = reference if sampler is samplers.ddim else None
+                ref = reference if sampler is sampling.ddim else None
                 cells.append(f"{cell(data, out, ref)} (t₀={int(ts[0])}, √ᾱ={first:.3f}, {len(ts)} steps)")
             lines.append(f"| {label} | {S} | " + " | ".join(cells) + " |")
     return lines
@@ -99,8 +103,8 @@ def start_table(data, sched, x_T: Tensor, reference: Tensor, targets: Sequence[f
     for target in targets:
         t0 = int((root >= target).nonzero().max()) if target > root[-1] else sched.T - 1
         ts = torch.arange(t0, -1, -1)
-        ddim = cell(data, run(samplers.ddim, data, sched, ts, x_T), reference)
-        ddpm = cell(data, run(samplers.ddpm, data, sched, ts, x_T), None)
+        ddim = cell(data, run(sampling.ddim, data, sched, ts, x_T), reference)
+        ddpm = cell(data, run(sampling.ddpm, data, sched, ts, x_T), None)
         lines.append(f"| {target:g} | {t0} | {root[t0].item():.4f} | {ddim} | {ddpm} |")
     return lines
 
@@ -112,7 +116,7 @@ def common_table(data, sched, counts: Sequence[int], x_T: Tensor, reference: Ten
         "| sampler | S | " + " | ".join(timesteps.NAMES) + " |",
         "|---|---|" + "---|" * len(timesteps.NAMES),
     ]
-    for label, sampler in {"ddim η=0": samplers.ddim, "pndm": samplers.pndm}.items():
+    for label, sampler in {"ddim η=0": sampling.ddim, "pndm": sampling.pndm}.items():
         for S in counts:
             cells = []
             for name in timesteps.NAMES:
@@ -151,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     for name in ("linear", "cosine"):
         shown = len(lines)
         sched = getattr(schedule, name)(1000)
-        reference = run(samplers.ddim, data, sched, torch.arange(sched.T - 1, -1, -1), x_T)
+        reference = run(sampling.ddim, data, sched, torch.arange(sched.T - 1, -1, -1), x_T)
         if steps:
             lines += spacing_table(data, sched, steps, x_T, reference) + [""]
         if common:
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             lines += start_table(data, sched, x_T, reference, starts) + [""]
         print("\n".join(lines[shown:]), flush=True)
     lines += [
-        "PNDM from T-1 on the cosine schedule diverges without clipping (see samplers.pndm). What these numbers",
+        "PNDM from T-1 on the cosine schedule diverges without clipping (see sampling.pndm). What these numbers",
         "decided (leading = floor(i T / S), check_start's limits) is written up in diffusion/timesteps.py.",
     ]
     text = "\n".join(lines) + "\n"

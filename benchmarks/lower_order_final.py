@@ -22,7 +22,10 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.mixture_testbed import ENDPOINT_STEPS, RESULTS, Row, image_mixture, table  # noqa: E402
-from diffusion import schedule, solvers  # noqa: E402
+from diffusion import (
+    schedule,
+    solvers,  # noqa: E402
+)
 
 MIXTURES = {
     "A: 3x8x8, 6 modes, std 0.1": functools.partial(image_mixture),

@@ -24,9 +24,13 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from diffusion import analytic, samplers, timesteps  # noqa: E402
+from diffusion import (
+    sampling,
+    timesteps,  # noqa: E402
+)
 from diffusion.errors import UsageError  # noqa: E402
 from diffusion.mixture import GaussianMixture  # noqa: E402
+from diffusion.sampling import analytic
 from diffusion.schedule import Schedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,7 +106,7 @@ def as_dtype(model) -> Callable[[Tensor, Tensor], Tensor]:
 def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T: Tensor, *, batch: int, seed: int,
         gamma: Tensor | None = None, data_var: float | None = None) -> tuple[Cell, Tensor]:  # fmt: skip
     """Sample from x_T [N, *shape] with `row`'s sampler (in batches): the measures against `data`, the samples."""
-    ts = timesteps.make(row.spacing, steps, sched, gamma=gamma).to(x_T.device)
+    ts = analytic.timesteps_for(row.spacing, steps, sched, gamma).to(x_T.device)
     net = row.wrap(model, ts) if row.wrap else model
     forward, calls = as_dtype(net), 0
 
@@ -161,7 +165,7 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
     reference = None
     if endpoint:
         ts = timesteps.logsnr(endpoint, sched)
-        reference = torch.cat([samplers.dpm_solver(as_dtype(model), x, sched, ts) for x in x_T.split(batch or n)])
+        reference = torch.cat([sampling.dpm_solver(as_dtype(model), x, sched, ts) for x in x_T.split(batch or n)])
     cells, blank, samples = {}, {}, {}
     jobs = [(i, c) for i in range(len(rows)) for c in columns]
     for i, c in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
@@ -200,7 +204,7 @@ def paired(data: GaussianMixture, samples: Tensor, exact: Tensor) -> tuple[float
 def load_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, Schedule, GaussianMixture, str]:
     """(EMA network, schedule, the mixture it was trained on, a description for the title) from a checkpoint of
     train.py with data=mixture."""
-    from diffusion import checkpoints, registry
+    from diffusion.io import checkpoints, registry
 
     checkpoint = checkpoints.load(path)
     model, sched = checkpoints.load_model(checkpoint, device=device)

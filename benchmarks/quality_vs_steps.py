@@ -57,42 +57,46 @@ from benchmarks.mixture_testbed import (  # noqa: E402
     nfe_steps,
     table,
 )
-from diffusion import analytic, samplers, schedule  # noqa: E402
+from diffusion import (
+    sampling,
+    schedule,  # noqa: E402
+)
 from diffusion.errors import UsageError  # noqa: E402
+from diffusion.sampling import analytic
 
 SKIP_RHO = (1.0, 0.8)  # Skip-Tuning's config default, used when results/skip_tuning.md has no sweep to read
 NO_CAP = {"noise_cap": None}  # Analytic-DPM's cap on the last noise is in 8-bit levels: the mixture has none
 ROWS = (
-    Row("ddpm, σ²=β", samplers.ddpm, options={"variance": "beta"}),
-    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm),
-    Row("ddpm, σ²=β", samplers.ddpm, "even", {"variance": "beta"}),
-    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm, "even"),
-    Row("ddpm, σ²=β̃ (= ddim η=1)", samplers.ddpm, "logsnr"),
+    Row("ddpm, σ²=β", sampling.ddpm, options={"variance": "beta"}),
+    Row("ddpm, σ²=β̃ (= ddim η=1)", sampling.ddpm),
+    Row("ddpm, σ²=β", sampling.ddpm, "even", {"variance": "beta"}),
+    Row("ddpm, σ²=β̃ (= ddim η=1)", sampling.ddpm, "even"),
+    Row("ddpm, σ²=β̃ (= ddim η=1)", sampling.ddpm, "logsnr"),
     Row("analytic_ddpm", analytic.analytic_ddpm, "even", NO_CAP),
     Row("analytic_ddpm", analytic.analytic_ddpm, "analytic_optimal", NO_CAP),
     Row("analytic_ddpm", analytic.analytic_ddpm, "logsnr", NO_CAP),
     Row("analytic_ddim η=0", analytic.analytic_ddim, "even", NO_CAP),
     Row("analytic_ddim η=0", analytic.analytic_ddim, "analytic_optimal", NO_CAP),
     Row("analytic_ddim η=0", analytic.analytic_ddim, "logsnr", NO_CAP),
-    Row("ddim η=0", samplers.ddim),
-    Row("ddim η=0", samplers.ddim, "logsnr"),
-    Row("pndm (F-PNDM)", samplers.pndm),
-    Row("s_pndm", samplers.s_pndm),
-    Row("plms", samplers.plms),
-    Row("dpm_solver++(2M)", samplers.dpm_solver, "logsnr"),
-    Row("dpm_solver++(2M)", samplers.dpm_solver),
-    Row("dpm_solver++(3M)", samplers.dpm_solver_3m, "logsnr"),
-    Row("unipc order 2", samplers.unipc, "logsnr", {"order": 2}),
-    Row("unipc order 3", samplers.unipc, "logsnr", {"order": 3}),
-    Row("unipc order 2, bh1", samplers.unipc, "logsnr", {"order": 2, "variant": "bh1"}),
-    Row("unipc order 3, bh1", samplers.unipc, "logsnr", {"order": 3, "variant": "bh1"}),
+    Row("ddim η=0", sampling.ddim),
+    Row("ddim η=0", sampling.ddim, "logsnr"),
+    Row("pndm (F-PNDM)", sampling.pndm),
+    Row("s_pndm", sampling.s_pndm),
+    Row("plms", sampling.plms),
+    Row("dpm_solver++(2M)", sampling.dpm_solver, "logsnr"),
+    Row("dpm_solver++(2M)", sampling.dpm_solver),
+    Row("dpm_solver++(3M)", sampling.dpm_solver_3m, "logsnr"),
+    Row("unipc order 2", sampling.unipc, "logsnr", {"order": 2}),
+    Row("unipc order 3", sampling.unipc, "logsnr", {"order": 3}),
+    Row("unipc order 2, bh1", sampling.unipc, "logsnr", {"order": 2, "variant": "bh1"}),
+    Row("unipc order 3, bh1", sampling.unipc, "logsnr", {"order": 3, "variant": "bh1"}),
 )
 OWN_METHODS = frozenset(f"{r.name} ({r.spacing})" for r in ROWS)  # a students' file's baselines: measured here
 
 
 def deepcache(model, ts: Tensor, **options):
     """DeepCache (Ma et al. 2024) around `model`, planned on the sampler's timesteps `ts`."""
-    from diffusion.deepcache import DeepCache
+    from diffusion.wrappers.deepcache import DeepCache
 
     try:
         return DeepCache(model, ts, **options)
@@ -102,14 +106,14 @@ def deepcache(model, ts: Tensor, **options):
 
 def skip_tuning(model, ts: Tensor, rho: tuple[float, float]):
     """Skip-Tuning (Ma et al. 2024) around `model`: skips scaled from rho[0] (top) to rho[1] (bottom)."""
-    from diffusion.skiptuning import SkipTuning
+    from diffusion.wrappers.skiptuning import SkipTuning
 
     return SkipTuning(model, rho_top=rho[0], rho_bottom=rho[1])
 
 
 OFFICIAL = {"schedule": "official", "center": 0.5, "power": 1.4}  # the official --center S/2 --pow 1.4
 DEEPCACHE_ROWS = tuple(
-    Row(f"ddim η=0 + DeepCache N={n}{', official' * bool(o)}", samplers.ddim, wrap=partial(deepcache, interval=n, **o))
+    Row(f"ddim η=0 + DeepCache N={n}{', official' * bool(o)}", sampling.ddim, wrap=partial(deepcache, interval=n, **o))
     for o in ({}, OFFICIAL)
     for n in (2, 3, 5)
 )
@@ -119,8 +123,8 @@ def skip_rows(rho: tuple[float, float]) -> tuple[Row, ...]:
     """Skip-Tuning around the two few-step ODE samplers it is meant for (DDIM, DPM-Solver++(2M) on log-SNR steps)."""
     name = f"+ Skip-Tuning ρ {rho[0]:g}:{rho[1]:g}"
     wrap = partial(skip_tuning, rho=rho)
-    return (Row(f"ddim η=0 {name}", samplers.ddim, wrap=wrap),
-            Row(f"dpm_solver++(2M) {name}", samplers.dpm_solver, "logsnr", wrap=wrap))  # fmt: skip
+    return (Row(f"ddim η=0 {name}", sampling.ddim, wrap=wrap),
+            Row(f"dpm_solver++(2M) {name}", sampling.dpm_solver, "logsnr", wrap=wrap))  # fmt: skip
 
 
 def skip_rho(path: Path) -> tuple[tuple[float, float], str]:

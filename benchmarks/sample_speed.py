@@ -38,10 +38,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.testbed import CIFAR10, jittered, machine
-from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache, cached_cost, macs_speedup
-from diffusion.generation import PRECISIONS, Autocast
+from diffusion import sampling, schedule, timesteps
+from diffusion.sampling.generate import PRECISIONS, Autocast
 from diffusion.unet import UNet
+from diffusion.wrappers.deepcache import DeepCache, cached_cost, macs_speedup
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "s_pndm", "plms", "dpm_solver")
 T = 1000
@@ -115,7 +115,7 @@ def side_by_side(args, name: str, net, x_T: Tensor, sched, ts: Tensor, nfe: int,
 def sample(name: str, net, x_T: Tensor, sched, ts: Tensor) -> Tensor:
     """One run of sampler `name` (ddpm draws its noise from a seeded generator on x_T's device)."""
     generator = torch.Generator(x_T.device).manual_seed(2) if name == "ddpm" else None
-    return getattr(samplers, name)(net, x_T, sched, ts, generator=generator)
+    return getattr(sampling, name)(net, x_T, sched, ts, generator=generator)
 
 
 # ---------------------------------------------------------------- the tables

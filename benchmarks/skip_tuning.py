@@ -40,19 +40,22 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.mixture_testbed import load_checkpoint  # noqa: E402
-from diffusion import samplers, timesteps  # noqa: E402
+from diffusion import (
+    sampling,
+    timesteps,  # noqa: E402
+)
 from diffusion.mixture import GaussianMixture  # noqa: E402
-from diffusion.skiptuning import SkipTuning  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
+from diffusion.wrappers.skiptuning import SkipTuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEFORE = "c6f7a5c~1"  # the last commit whose UNet.up_level had no rho
 # (name, sampler, spacing, {target NFE: steps}): F-PNDM's NFE is S + 9 (4S - 3 for S <= 3), so 5 / 9 / 20
 SAMPLERS = (
-    ("ddim η=0", samplers.ddim, "leading", {5: 5, 10: 10, 20: 20}),
-    ("dpm_solver++(2M)", samplers.dpm_solver, "logsnr", {5: 5, 10: 10, 20: 20}),
-    ("pndm (F-PNDM)", samplers.pndm, "leading", {5: 2, 10: 3, 20: 11}),
+    ("ddim η=0", sampling.ddim, "leading", {5: 5, 10: 10, 20: 20}),
+    ("dpm_solver++(2M)", sampling.dpm_solver, "logsnr", {5: 5, 10: 10, 20: 20}),
+    ("pndm (F-PNDM)", sampling.pndm, "leading", {5: 2, 10: 3, 20: 11}),
 )
 RHOS = "1:1,1:0.9,1:0.8,1:0.7,1:0.6,0.8:0.8"
 
@@ -98,7 +101,7 @@ def sweep(model: UNet, sched, data: GaussianMixture, rhos: list[tuple[float, flo
     """{(sampler name, nfe target, column): (measures, nfe)}; column "exact" or (rho_top, rho_bottom)."""
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     exact = data.model(sched)
-    endpoint, _ = solve(exact, samplers.dpm_solver, sched, timesteps.make("logsnr", ref_steps, sched), x_T,
+    endpoint, _ = solve(exact, sampling.dpm_solver, sched, timesteps.make("logsnr", ref_steps, sched), x_T,
                         torch.float64)  # fmt: skip
     dtype, cells = next(model.parameters()).dtype, {}
     for name, sampler, spacing, nfes in SAMPLERS:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion.pretrained import diffusers_config
+from diffusion.io.pretrained import diffusers_config
 from diffusion.unet import UNet
 
 __all__ = ["CIFAR10", "PARAMS", "jittered", "diffusers_unet", "Eps", "seconds", "machine"]

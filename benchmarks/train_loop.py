@@ -39,7 +39,7 @@ from benchmarks.testbed import machine, seconds
 from benchmarks.train_speed import make_step
 from diffusion.schedule import linear
 from diffusion.synthetic import Synthetic
-from diffusion.training import eps_loss
+from diffusion.training.losses import eps_loss
 from tests.conftest import compose_config  # the real configs, composed as @hydra.main composes them
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}  # make_step's names -> Lightning's

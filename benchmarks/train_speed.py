@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: benchmarks.* from the repository root
 from benchmarks.testbed import CIFAR10, PARAMS, Eps, diffusers_unet, machine
 from diffusion.schedule import linear
-from diffusion.training import ema_update, eps_loss
+from diffusion.training.losses import eps_loss
+from diffusion.training.module import ema_update
 from diffusion.unet import UNet
 
 # ---------------------------------------------------------------- one training step

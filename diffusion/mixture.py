@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .metrics import frechet_distance
+from .frechet import frechet_distance
 from .schedule import Schedule
 
 __all__ = ["GaussianMixture"]

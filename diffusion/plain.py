@@ -1,8 +1,9 @@
 """Plain data: what a value read from a file may be (DESIGN principle 7: nothing read from a file is code).
 
 A checkpoint's config, a diffusers folder's config.json and a statistics file's metadata are data down to their
-strings. These checks run where such files are read (diffusion.checkpoints, diffusion.pretrained, diffusion.metrics)
-and where their sections are built (diffusion.registry), and name the offending key in one line.
+strings. These checks run where such files are read (diffusion.io.checkpoints, diffusion.io.pretrained,
+diffusion.evaluation.fid) and where their sections are built (diffusion.io.registry), and name the offending key in
+one line.
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@
 Notation (code -> paper):
     betas[t]           beta_t                          noise added at step t (t = 0 .. T-1)
     alphas_cumprod[t]  alpha_bar_t = prod_{i<=t} (1 - beta_i)
-    q_sample           x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps    (Ho et al. eq. 4)
-    predict_x0         x0  = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+    x_at, q_sample     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps    (Ho et al. eq. 4)
+    x0_from_eps        x0  = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)   (DDIM eq. 9)
+    eps_from_x0        eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t)
+    half_log_snr       lambda_t = log(alpha_t / sigma_t) = log(alpha_bar_t / (1 - alpha_bar_t)) / 2   (DPM-Solver)
     posterior          q(x_s | x_t, x0) for any s < t (eq. 6-7; s = t-1 is DDPM's, s < t-1 is a respaced step)
+
+The conversions take alpha_bar as a float or as a tensor that broadcasts against x: every sampler, loss and wrapper
+uses these, so each formula is written once.
 
 Timesteps are 0-based as in the official code: t = 0 is the first noising step and t = -1 stands for clean
 data (alpha_bar = 1), which is where every sampler's last step lands. Coefficients are float64 and are cast to
@@ -21,13 +26,41 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Schedule", "linear", "cosine", "quadratic", "sigmoid", "SCHEDULES", "extract"]
+__all__ = ["Schedule", "linear", "cosine", "quadratic", "sigmoid", "SCHEDULES", "extract", "x_at", "x0_from_eps",
+           "eps_from_x0", "half_log_snr"]  # fmt: skip
 
 
 def extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] shaped [B, 1, 1, 1] to broadcast against `like` ([B, C, H, W]), in `like`'s dtype."""
     out = values.to(like.device)[t.to(like.device)]
     return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+Level = float | Tensor  # alpha_bar: a number, or a tensor that broadcasts against x ([B, 1, 1, 1])
+
+
+def x_at(x0: Tensor, eps: Tensor, abar: Level) -> Tensor:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: q(x_t | x0) with the given noise (Ho et al. eq. 4), and DDIM's
+    eta = 0 update (eq. 12) with the predicted eps."""
+    return abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
+
+
+def x0_from_eps(x: Tensor, eps: Tensor, abar: Level) -> Tensor:
+    """The x0 that x_t = x and noise eps imply (DDIM eq. 9, f_theta)."""
+    return (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+
+
+def eps_from_x0(x: Tensor, x0: Tensor, abar: Level) -> Tensor:
+    """The eps that x_t = x and a clean estimate x0 imply (used after clipping x0)."""
+    return (x - abar**0.5 * x0) / (1 - abar) ** 0.5
+
+
+def half_log_snr(abar: Level) -> Level:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2, accurate where abar is near 0 or 1; a float for a
+    float (the samplers' per-step coefficients), a tensor for a tensor."""
+    if isinstance(abar, Tensor):
+        return 0.5 * (abar.log() - (-abar).log1p())
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,18 +99,15 @@ class Schedule:
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample x_t ~ q(x_t | x0) with the given noise (Ho et al. eq. 4); x0, noise [B, C, H, W], t [B]."""
-        abar = extract(self.alphas_cumprod, t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return x_at(x0, noise, extract(self.alphas_cumprod, t, x0))
 
     def predict_x0(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Invert q_sample: the x0 that x_t = x and noise eps imply."""
-        abar = extract(self.alphas_cumprod, t, x)
-        return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        """Invert q_sample: the x0 that x_t = x and noise eps imply (t [B])."""
+        return x0_from_eps(x, eps, extract(self.alphas_cumprod, t, x))
 
     def predict_eps(self, x: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """The eps that x_t = x and a clean estimate x0 imply (used after clipping x0)."""
-        abar = extract(self.alphas_cumprod, t, x)
-        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        """The eps that x_t = x and a clean estimate x0 imply (t [B])."""
+        return eps_from_x0(x, x0, extract(self.alphas_cumprod, t, x))
 
     def posterior(self, x0: Tensor, x: Tensor, t: Tensor, s: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and variance of q(x_s | x_t = x, x0) for s < t (default s = t - 1; s = -1 means clean data).

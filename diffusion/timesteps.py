@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
-from .schedule import Schedule
+from .schedule import Schedule, half_log_snr
 
 __all__ = ["leading", "linspace", "even", "trailing", "quadratic", "logsnr", "SPACINGS", "NAMES", "GAMMA_SPACINGS",
-           "PAPER_SPACING", "paper_spacing", "make", "check_start", "noisiest_usable", "spread_up", "half_log_snr",
-           "LAMBDA_MIN", "StartWarning"]  # fmt: skip
+           "PAPER_SPACING", "paper_spacing", "make", "check_start", "noisiest_usable", "spread_up", "LAMBDA_MIN",
+           "StartWarning"]  # fmt: skip
 
 
 # -------------------------------------------------------------------- the spacings
@@ -124,11 +124,6 @@ def logsnr(steps: int, schedule: Schedule) -> Tensor:
     return _descending(spread_up(ts, max(start, steps - 1)))
 
 
-def half_log_snr(abar: Tensor) -> Tensor:
-    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2, accurate where abar is near 0 or 1."""
-    return 0.5 * (abar.log() - (-abar).log1p())
-
-
 # The official DPM-Solver code (and UniPC's, built on it) drops a discrete schedule's timesteps whose lambda is below
 # this (NoiseScheduleVP.numerical_clip_alpha: "very useful for ... the cosine schedule").
 LAMBDA_MIN = -5.1
@@ -180,18 +175,14 @@ NAMES = (*SPACINGS, "even", "logsnr")  # even: linspace but at ties, defined by 
 GAMMA_SPACINGS = ("analytic_optimal",)  # made from the model's Gamma too (Analytic-DPM): `make(..., gamma=)`
 
 
-def make(spacing: str, steps: int, schedule: Schedule, gamma: Tensor | None = None, check: bool = True) -> Tensor:
-    """The spacing named `spacing` (one of NAMES or GAMMA_SPACINGS) with `steps` steps for `schedule`, checked by
-    `check_start` (`check=False`: unchecked, for measuring what a refused start costs). "analytic_optimal" is
-    Analytic-DPM's optimal trajectory, which needs the model's Gamma [T]."""
-    if spacing == "analytic_optimal":
-        from .analytic import optimal_trajectory  # analytic imports the samplers, which import this module
-
-        if gamma is None:
-            raise UsageError("spacing=analytic_optimal needs the model's Gamma: use it with sampler=analytic_ddpm or "
-                             "sampler=analytic_ddim, which compute it")  # fmt: skip
-        ts = optimal_trajectory(steps, schedule, gamma)
-    elif spacing == "logsnr":
+def make(spacing: str, steps: int, schedule: Schedule, check: bool = True) -> Tensor:
+    """The spacing named `spacing` (one of NAMES) with `steps` steps for `schedule`, checked by `check_start`
+    (`check=False`: unchecked, for measuring what a refused start costs). Analytic-DPM's optimal trajectory
+    ("analytic_optimal") needs the model's Gamma: diffusion.sampling.analytic.timesteps_for builds it."""
+    if spacing in GAMMA_SPACINGS:
+        raise UsageError(f"spacing={spacing} is Analytic-DPM's optimal trajectory, made from the model's Gamma: use it "
+                         "with sampler=analytic_ddpm or sampler=analytic_ddim, which compute it")  # fmt: skip
+    if spacing == "logsnr":
         ts = logsnr(steps, schedule)
     elif spacing == "even":
         ts = even(steps, schedule.T)

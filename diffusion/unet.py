@@ -10,7 +10,8 @@ after each block) and `resample` (Downsample / Upsample, or None). The output of
 and of every downsample is a skip, popped in reverse by the up blocks: down[i] block j feeds up[i] block
 `num_res_blocks - 1 - j`. `forward` is made only of `embed`, `down_level`, `mid`, `up_level` and `head`, so
 DeepCache (Ma et al. 2023) can run the shallow pieces around a cached deep feature without a second copy, and
-Skip-Tuning (diffusion/skiptuning.py) can scale the skips through `up_level`'s `rho` (1 by default: no multiply).
+Skip-Tuning (diffusion/wrappers/skiptuning.py) can scale the skips through `up_level`'s `rho` (1 by default: no
+multiply).
 
 Numerics follow the released DDPM checkpoints (and diffusers' UNet2DModel with the google/ddpm-* configs):
 GroupNorm eps 1e-6, TF "SAME" padding on the stride-2 conv, sinusoid frequencies spaced log(1e4) / (half - 1).
@@ -235,7 +236,7 @@ class UNet(nn.Module):
     ) -> Tensor:
         """Run up[i] from block `start` on, each block on [h, rho * skips.pop()] concatenated along channels; with
         `stop`, only the blocks before it, no upsample (h is then the input of block `stop`). rho != 1 is
-        Skip-Tuning's scaled skip (Ma et al. 2024; diffusion/skiptuning.py); rho = 1 multiplies nothing."""
+        Skip-Tuning's scaled skip (Ma et al. 2024; diffusion/wrappers/skiptuning.py); rho = 1 multiplies nothing."""
         level = self.up[i]
         for j in range(start, len(level.res) if stop is None else stop):
             skip = skips.pop()

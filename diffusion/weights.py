@@ -2,7 +2,7 @@
 
 `check_state` says in one line what load_state_dict(strict=True) says in a page (or as a TypeError): which tensor is
 missing, unexpected, not a tensor or of another shape. `weights_digest` names a network's weights: a distillation
-run's teacher (diffusion.consistency_module), a Gamma cache's key (diffusion.analytic_cache).
+run's teacher (diffusion.training.consistency), a Gamma cache's key (diffusion.io.gamma_cache).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_state(expected: Mapping[str, Tensor], found: Mapping, what: str, again
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every entry of a module's state dict, in name order: its name, dtype, shape and bytes. Names a
-    network's weights: a teacher (diffusion.consistency_module), a Gamma cache (diffusion.analytic_cache)."""
+    network's weights: a teacher (diffusion.training.consistency), a Gamma cache (diffusion.io.gamma_cache)."""
     h = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())

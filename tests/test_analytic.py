@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import analytic, analytic_cache, likelihood, samplers, timesteps
+from diffusion import sampling, timesteps
+from diffusion.evaluation import likelihood
+from diffusion.io import gamma_cache as analytic_cache
 from diffusion.mixture import GaussianMixture
+from diffusion.sampling import analytic
 from diffusion.schedule import linear
 
 MU, S2 = 0.3, 0.25  # Gaussian data N(MU, S2 I)
@@ -78,7 +81,7 @@ def test_the_analytic_samplers_are_exact_on_gaussian_data_at_few_steps(sampler, 
     n = out.numel()
     assert float(out.mean()) == pytest.approx(MU, abs=5 * (S2 / n) ** 0.5)
     assert float(out.var()) == pytest.approx(S2, rel=5 * (2 / n) ** 0.5)
-    plain = samplers.ddpm(data.model(schedule), x, schedule, ts, generator=g, clip=False)
+    plain = sampling.ddpm(data.model(schedule), x, schedule, ts, generator=g, clip=False)
     assert float(plain.var()) < S2 * (1 - 10 * (2 / n) ** 0.5)
 
 

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import analytic, analytic_cache, likelihood, timesteps
+from diffusion import timesteps
+from diffusion.evaluation import likelihood
+from diffusion.io import gamma_cache as analytic_cache
 from diffusion.mixture import GaussianMixture
+from diffusion.sampling import analytic
 from diffusion.schedule import cosine, linear
 
 from .test_analytic import Scale  # eps = w x, counting calls

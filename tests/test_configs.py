@@ -11,8 +11,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.precision import resolve_precision
-from diffusion.strategies import FSDP, torch_shards_right
+from diffusion.training.precision import resolve_precision
+from diffusion.training.strategies import FSDP, torch_shards_right
 
 from .conftest import CONF, ROOT, compose_config
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion import consistency as cm
-from diffusion import samplers, timesteps
+from diffusion import sampling, timesteps
 from diffusion.mixture import GaussianMixture
+from diffusion.sampling import consistency as cm
 from diffusion.schedule import cosine, linear
-from diffusion.training import ema_update
+from diffusion.training import losses
+from diffusion.training.module import ema_update
 
 T = 100
 SCHEDULE = linear(T, 1e-4 * 1000 / T, 0.02 * 1000 / T)  # the DDPM schedule's alpha_bar range at T = 100
@@ -52,18 +53,18 @@ class Teacher(nn.Module):
 
 def ode_map(x, t):
     """The exact consistency function: the exact teacher's probability-flow ODE from each t to clean data, in
-    DPM-Solver++(2S) steps of one timestep (checked against many samplers.dpm_solver steps below)."""
+    DPM-Solver++(2S) steps of one timestep (checked against many sampling.dpm_solver steps below)."""
     x, t = x.double().clone(), t.clone()
     while bool((t >= 0).any()):
         rows = t >= 0
-        x[rows] = cm.dpm_solver_step(DATA.model(SCHEDULE), SCHEDULE, x[rows], t[rows], t[rows] - 1)
+        x[rows] = losses.dpm_solver_step(DATA.model(SCHEDULE), SCHEDULE, x[rows], t[rows], t[rows] - 1)
         t[rows] -= 1
     return x
 
 
 def test_the_exact_map_is_the_ode_endpoint():
     x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    reference = samplers.dpm_solver(DATA.model(SCHEDULE), x_T, SCHEDULE, timesteps.logsnr(T, SCHEDULE), clip=False)
+    reference = sampling.dpm_solver(DATA.model(SCHEDULE), x_T, SCHEDULE, timesteps.logsnr(T, SCHEDULE), clip=False)
     # the two routes differ by their last, first-order step onto clean data (from t = 0) only
     assert (ode_map(x_T, torch.full((256,), T - 1)) - reference).abs().max() < 2e-2
 
@@ -151,12 +152,12 @@ def test_teacher_steps_follow_the_ode():
     z = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     point = GaussianMixture(torch.tensor([[0.3, -0.7]]), torch.tensor([1.0]), 0.0)
     x_t, x_s = (SCHEDULE.q_sample(point.means.expand(256, 2), u, z) for u in (t, s))
-    for solver in cm.SOLVERS.values():
+    for solver in losses.SOLVERS.values():
         assert torch.allclose(solver(point.model(SCHEDULE), SCHEDULE, x_t, t, s), x_s, atol=1e-9)
     x = SCHEDULE.q_sample(DATA.sample(256, generator=torch.Generator().manual_seed(1)), t, z)
     exact = ode_map(x, t)
     err = {name: (ode_map(solver(DATA.model(SCHEDULE), SCHEDULE, x, t, s), s) - exact).pow(2).mean().sqrt().item()
-           for name, solver in cm.SOLVERS.items()}  # fmt: skip
+           for name, solver in losses.SOLVERS.items()}  # fmt: skip
     assert err["dpm_solver"] < 0.5 * err["ddim"] and err["ddim"] < 0.1, err
 
 
@@ -166,7 +167,9 @@ def test_teacher_steps_follow_the_ode():
 def cd(f, f_target, seed=0, **kw):
     x0 = DATA.sample(128, generator=torch.Generator().manual_seed(seed))
     kw = {"N": T, **kw}
-    return cm.cd_loss(f, f_target, DATA.model(SCHEDULE), SCHEDULE, x0, generator=torch.Generator().manual_seed(1), **kw)
+    return losses.cd_loss(
+        f, f_target, DATA.model(SCHEDULE), SCHEDULE, x0, generator=torch.Generator().manual_seed(1), **kw
+    )
 
 
 def test_cd_loss_of_the_exact_ode_map_is_zero_and_of_the_teacher_is_not():
@@ -212,9 +215,9 @@ def test_ct_loss_of_the_exact_ode_map_is_zero_only_in_the_limit():
     """CT's target uses the same z, not a teacher: even the exact map has a loss, which shrinks as N grows."""
     perfect = lambda x, t, edge: ode_map(x, t)  # noqa: E731
     x0 = DATA.sample(128, generator=torch.Generator().manual_seed(0))
-    losses = [cm.ct_loss(perfect, perfect, SCHEDULE, x0, N=N, loss="l2", lognormal=False, weighting=False,
-                         generator=torch.Generator().manual_seed(1)).item() for N in (5, 50)]  # fmt: skip
-    assert losses[1] < 0.5 * losses[0]
+    values = [losses.ct_loss(perfect, perfect, SCHEDULE, x0, N=N, loss="l2", lognormal=False, weighting=False,
+                          generator=torch.Generator().manual_seed(1)).item() for N in (5, 50)]  # fmt: skip
+    assert values[1] < 0.5 * values[0]
 
 
 def test_weighting_divides_by_the_gap_in_ve_noise_level():
@@ -225,19 +228,19 @@ def test_weighting_divides_by_the_gap_in_ve_noise_level():
     for grid in cm.GRIDS:
         plain, weighted = (cd(f, f, N=1, grid=grid, weighting=w).item() for w in (False, True))
         assert weighted == pytest.approx(plain / s_top, rel=1e-12) and plain > 0
-        ct = partial(cm.ct_loss, f, f, SCHEDULE, x0, N=1, grid=grid, loss="l2")
+        ct = partial(losses.ct_loss, f, f, SCHEDULE, x0, N=1, grid=grid, loss="l2")
         plain, weighted = (ct(weighting=w, generator=torch.Generator().manual_seed(1)).item() for w in (False, True))
         assert weighted == pytest.approx(plain / s_top, rel=1e-12) and plain > 0
 
 
 def test_distances():
     a, b = torch.zeros(3, 4), torch.ones(3, 4)
-    assert torch.equal(cm.distance("l2", a, b), torch.ones(3))
+    assert torch.equal(losses.distance("l2", a, b), torch.ones(3))
     c = 0.00054 * 2
-    assert torch.allclose(cm.distance("pseudo_huber", a, b), torch.full((3,), math.sqrt(4 + c**2) - c))
-    assert torch.equal(cm.distance(lambda x, y: (x - y).abs().sum(1), a, b), torch.full((3,), 4.0))  # e.g. LPIPS
+    assert torch.allclose(losses.distance("pseudo_huber", a, b), torch.full((3,), math.sqrt(4 + c**2) - c))
+    assert torch.equal(losses.distance(lambda x, y: (x - y).abs().sum(1), a, b), torch.full((3,), 4.0))  # e.g. LPIPS
     with pytest.raises(ValueError, match="unknown consistency loss"):
-        cm.distance("l1", a, b)
+        losses.distance("l1", a, b)
 
 
 # ---------------------------------------------------------------- target EMA and curriculum
@@ -259,15 +262,15 @@ def test_ct_curriculum_follows_its_formula():
     K_prime = math.floor(K / (math.log2(1280 // 10) + 1))  # 50000
     assert K_prime == 50_000
     for k in [0, 1, K_prime - 1, K_prime, 2 * K_prime, 7 * K_prime - 1, 7 * K_prime, K - 1, K, 10 * K]:
-        assert cm.ct_steps(k, K) == min(10 * 2 ** (k // K_prime), 1280)
+        assert losses.ct_steps(k, K) == min(10 * 2 ** (k // K_prime), 1280)
     # K = 80, s1 / s0 = 10: K' = floor(80 / (log2 10 + 1)) = 18
-    assert [cm.ct_steps(k, 80, 10, 100) for k in (0, 17, 18, 36, 54, 72, 79)] == [10, 10, 20, 40, 80, 100, 100]
+    assert [losses.ct_steps(k, 80, 10, 100) for k in (0, 17, 18, 36, 54, 72, 79)] == [10, 10, 20, 40, 80, 100, 100]
     with pytest.raises(ValueError, match="curriculum"):
-        cm.ct_steps(0, 0)
+        losses.ct_steps(0, 0)
 
 
 def test_lognormal_weights_put_mass_where_the_paper_does():
-    p = cm.lognormal_weights(cm.grid(T, T), SCHEDULE)
+    p = losses.lognormal_weights(cm.grid(T, T), SCHEDULE)
     assert torch.allclose(p.sum(), torch.tensor(1.0, dtype=p.dtype)) and bool((p >= 0).all())
     s = ((1 - SCHEDULE.alphas_cumprod) / SCHEDULE.alphas_cumprod).sqrt()  # s_n for n = 1..T
     erf = lambda v: torch.erf((v.log() + 1.1) / (math.sqrt(2) * 2.0))  # noqa: E731
@@ -395,7 +398,7 @@ def runs(tmp_path_factory):
 
 
 def test_a_cd_run_writes_a_checkpoint_that_samples_through_sample_py(runs):
-    from diffusion import checkpoints
+    from diffusion.io import checkpoints
     from sample import sample
 
     from .conftest import compose_config
@@ -424,7 +427,7 @@ def test_a_cd_run_writes_a_checkpoint_that_samples_through_sample_py(runs):
 
 
 def test_a_cd_run_resumes(runs):
-    from diffusion import checkpoints
+    from diffusion.io import checkpoints
     from train import train
 
     from .conftest import compose_config
@@ -451,8 +454,8 @@ def test_a_distillation_run_is_bound_to_its_teachers_weights(runs, tmp_path):
     teacher=NEW when its weights are the same, and another teacher may not."""
     import shutil
 
-    from diffusion import checkpoints
     from diffusion.errors import UsageError
+    from diffusion.io import checkpoints
     from diffusion.weights import weights_digest
     from train import train
 
@@ -510,13 +513,13 @@ def test_what_contradicts_the_teacher_is_refused(runs, tmp_path, overrides, name
 
 
 def test_ct_and_pcm_runs(runs):
-    from diffusion import checkpoints
+    from diffusion.io import checkpoints
     from train import train
 
     from .conftest import compose_config
 
     ct = train(compose_config("train", tiny("ct", "trainer.max_steps=2"), runs / "ct"))
-    assert ct.target is None and ct.curriculum() == cm.ct_steps(2, 2, 10, 1280) == 40  # K' = 1: doubling each step
+    assert ct.target is None and ct.curriculum() == losses.ct_steps(2, 2, 10, 1280) == 40  # K' = 1: doubling each step
     teacher = runs / "teacher" / "checkpoints" / "last.ckpt"
     train(compose_config("train", tiny("pcm", f"teacher={teacher}", "consistency.phases=2", "trainer.max_steps=2"),
                          runs / "pcm"))  # fmt: skip

@@ -13,8 +13,9 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import (
+from diffusion import sampling, schedule, timesteps
+from diffusion.unet import UNet
+from diffusion.wrappers.deepcache import (
     DeepCache,
     cached_cost,
     macs_speedup,
@@ -22,8 +23,7 @@ from diffusion.deepcache import (
     official_steps,
     uniform_steps,
 )
-from diffusion.macs import count_macs
-from diffusion.unet import UNet
+from diffusion.wrappers.macs import count_macs
 
 from .conftest import compose_config
 from .test_unet import perturbed
@@ -100,8 +100,8 @@ def shallow_blocks(branch: int, levels: int = 3, n: int = 2) -> set:
 def test_interval_one_is_the_plain_unet_bit_for_bit_under_ddim(unet, schedule):
     ts = timesteps.leading(6, SCHED.T)
     cache = DeepCache(unet, ts, interval=1, schedule=schedule)
-    plain = samplers.ddim(unet, noise(), SCHED, ts)
-    assert torch.equal(samplers.ddim(cache, noise(), SCHED, ts), plain)
+    plain = sampling.ddim(unet, noise(), SCHED, ts)
+    assert torch.equal(sampling.ddim(cache, noise(), SCHED, ts), plain)
     assert (cache.full_calls, cache.shallow_calls) == (6, 0)
 
 
@@ -157,7 +157,7 @@ def test_full_calls_follow_the_schedule_under_ddim(hooked, interval, schedule, s
         ran.clear()
         return eps
 
-    samplers.ddim(watched, noise(), SCHED, ts)
+    sampling.ddim(watched, noise(), SCHED, ts)
     expected = {
         "uniform": lambda: list(range(0, steps, interval)),
         "nonuniform": lambda: nonuniform_steps(steps, interval),
@@ -335,9 +335,9 @@ def test_official_branch_2_runs_the_official_cached_path(hooked):
 def test_a_new_batch_never_reuses_the_last_batchs_features(unet):
     ts = timesteps.leading(5, SCHED.T)
     cache = DeepCache(unet, ts, interval=5)  # one full step, four cached ones
-    samplers.ddim(cache, noise(1), SCHED, ts)
-    second = samplers.ddim(cache, noise(2), SCHED, ts)  # no reset(): the first timestep starts a new trajectory
-    assert torch.equal(second, samplers.ddim(DeepCache(unet, ts, interval=5), noise(2), SCHED, ts))
+    sampling.ddim(cache, noise(1), SCHED, ts)
+    second = sampling.ddim(cache, noise(2), SCHED, ts)  # no reset(): the first timestep starts a new trajectory
+    assert torch.equal(second, sampling.ddim(DeepCache(unet, ts, interval=5), noise(2), SCHED, ts))
     assert cache.full_calls == 2
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion import checkpoints, training
-from diffusion.training import DiffusionModule, DivergenceError
+from diffusion.io import checkpoints
+from diffusion.training import module as training
+from diffusion.training.module import DiffusionModule, DivergenceError
 from train import train
 
 from .conftest import TINY_RUN, compose_config

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.mixture_testbed import load_checkpoint
-from diffusion import checkpoints, pretrained
 from diffusion.errors import UsageError
+from diffusion.io import checkpoints, pretrained
 from sample import sample
 from train import train
 
@@ -130,7 +130,7 @@ def test_each_form_is_live_when_omegaconf_resolves_it(form, tmp_path, monkeypatc
     value = forms(marker)[form]
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "section": {"_target_": "builtins.dict",
                                                                                "value": value}})  # fmt: skip
-    import diffusion.runs  # noqa: F401 (registers ${run_token:})
+    import diffusion.cli.runs  # noqa: F401 (registers ${run_token:})
 
     try:
         built = instantiate(cfg.section)["value"]

@@ -20,9 +20,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from diffusion import checkpoints
-from diffusion.strategies import FSDP, shard_unets, torch_shards_right
-from diffusion.training import DiffusionModule, ema_update
+from diffusion.io import checkpoints
+from diffusion.training.module import DiffusionModule, ema_update
+from diffusion.training.strategies import FSDP, shard_unets, torch_shards_right
 from diffusion.unet import ResBlock, UNet
 
 from .conftest import ROOT, TINY_RUN

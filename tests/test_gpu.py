@@ -20,7 +20,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from diffusion import checkpoints, inception
+from diffusion.evaluation import inception
+from diffusion.io import checkpoints
 from train import train
 
 from .conftest import ROOT, TINY_RUN, compose_config

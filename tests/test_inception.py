@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import inception
 from diffusion.errors import UsageError
-from diffusion.inception import WeightsNotFoundError
+from diffusion.evaluation import inception
+from diffusion.evaluation.inception import WeightsNotFoundError
 
 from .test_metrics import OPTIONS, StandIn
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from diffusion import loggers
+from diffusion.cli import loggers
 from diffusion.errors import UsageError
 from train import train
 

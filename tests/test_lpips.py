@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.vgg import cfgs, make_layers
 
-from diffusion import lpips as ours
 from diffusion.errors import UsageError
+from diffusion.evaluation import lpips as ours
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_wrong_shapes_and_code_in_a_file_are_refused(vgg_file, tmp_path):
 
 def test_consistency_training_with_lpips_trains_the_student_and_keeps_vgg_out_of_the_checkpoint(vgg_file, monkeypatch):
     from diffusion import schedule
-    from diffusion.consistency_module import ConsistencyModule
+    from diffusion.training.consistency import ConsistencyModule
     from diffusion.unet import UNet
 
     load = ours.LPIPS.from_files.__func__

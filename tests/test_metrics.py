@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import metrics
 from diffusion.errors import UsageError
+from diffusion.evaluation import fid as metrics
+from diffusion.evaluation.fid import FIDResult, fid_from_npz, frechet_distance
 from diffusion.images import save_npz, to_uint8
-from diffusion.metrics import FIDResult, fid_from_npz, frechet_distance
 from diffusion.synthetic import Synthetic
 
 from .conftest import ROOT
@@ -224,7 +224,7 @@ def test_cli_prints_the_fid_with_its_provenance(tmp_path, monkeypatch, capsys):
     save_npz(images, tmp_path / "samples.npz")
     metrics.save_stats(tmp_path / "ref.npz", *direct_stats(net, images), n=24)
     monkeypatch.setattr(metrics, "Inception", StandIn)
-    assert metrics.main(["fid", str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--device", "cpu"]) == 0
+    assert metrics.main([str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert re.match(r"FID \S+ of 24 samples vs ", out) and "(24 images)" in out and StandIn.name in out
 
@@ -232,7 +232,7 @@ def test_cli_prints_the_fid_with_its_provenance(tmp_path, monkeypatch, capsys):
 def test_cli_bad_path_is_one_line(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path)}
     run = subprocess.run(
-        [sys.executable, "-m", "diffusion.metrics", "fid", str(tmp_path / "missing.npz"), "cifar10"],
+        [sys.executable, "-m", "diffusion.evaluation.fid", str(tmp_path / "missing.npz"), "cifar10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 1 and "Traceback" not in run.stderr

@@ -16,10 +16,11 @@ from hydra.utils import instantiate
 
 import sample as sample_script
 import train as train_script
-from diffusion import images, runs
+from diffusion import images
+from diffusion.cli import runs
+from diffusion.cli.options import check_options
 from diffusion.errors import UsageError, reported
-from diffusion.generation import Distributed
-from diffusion.options import check_options
+from diffusion.sampling.generate import Distributed
 
 from .conftest import ROOT, compose_config
 
@@ -27,7 +28,7 @@ from .conftest import ROOT, compose_config
 
 COMPOSE = """
 from hydra import compose, initialize_config_dir
-import diffusion.runs
+import diffusion.cli.runs
 with initialize_config_dir({conf!r}, version_base="1.3"):
     train = compose("train", return_hydra_config=True).hydra
     sample = compose("sample", return_hydra_config=True).hydra
@@ -182,10 +183,10 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
 def test_a_users_bad_config_is_one_line_but_a_constructors_bug_is_not(capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit), reported():
-        instantiate({"_target_": "diffusion.samplers.ddim", "etta": 0.5})  # an unknown key of the user's
+        instantiate({"_target_": "diffusion.sampling.ddim", "etta": 0.5})  # an unknown key of the user's
     assert "unexpected keyword argument 'etta'" in capsys.readouterr().err
     with pytest.raises(SystemExit), reported():
-        instantiate({"_target_": "diffusion.samplers.no_such_sampler"})
+        instantiate({"_target_": "diffusion.sampling.no_such_sampler"})
     with pytest.raises(InstantiationException), reported():
         raise InstantiationException("Error in call to target") from KeyError("a bug in a constructor")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion import checkpoints
 from diffusion.errors import UsageError
-from diffusion.precision import PRECISIONS, plan_step, resolve_precision
+from diffusion.io import checkpoints
 from diffusion.schedule import linear
-from diffusion.training import DiffusionModule
+from diffusion.training.module import DiffusionModule
+from diffusion.training.precision import PRECISIONS, plan_step, resolve_precision
 from train import train
 
 from .conftest import CONF, TINY_RUN, compose_config

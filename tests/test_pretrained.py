@@ -8,10 +8,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from diffusion import pretrained
 from diffusion.errors import UsageError
+from diffusion.io import pretrained
 from diffusion.schedule import Schedule, cosine, linear, quadratic, sigmoid
-from diffusion.training import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from diffusion.unet import Attention, UNet
 
 # google/ddpm-cifar10-32's unet/config.json as published, 4x narrower (GroupNorm groups of 4 channels, as there)

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from diffusion.callbacks import StepProgressBar
+from diffusion.training.callbacks import StepProgressBar
 
 
 class Endless(IterableDataset):

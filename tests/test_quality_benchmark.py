@@ -27,12 +27,12 @@ from benchmarks.quality_vs_steps import (  # noqa: E402
     skip_rho,
     skip_rows,
 )
-from diffusion import samplers  # noqa: E402
-from diffusion.checkpoints import CheckpointError  # noqa: E402
-from diffusion.deepcache import official_steps, uniform_steps  # noqa: E402
+from diffusion import sampling  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
+from diffusion.io.checkpoints import CheckpointError  # noqa: E402
 from diffusion.schedule import cosine, linear  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
+from diffusion.wrappers.deepcache import official_steps, uniform_steps  # noqa: E402
 
 CELL = re.compile(r"^([\d.e+-]+) / ([\d.]+) \(S=(\d+)(?:, F=(\d+))?\)(?: · ([\d.]+), ([\d.]+)%)?$")
 
@@ -75,7 +75,7 @@ def test_nfe_steps_inverts_the_counted_calls_of_every_sampler():
         for budget in range(1, 31):
             reachable = [S for S, n in counts.items() if n == budget]
             assert nfe_steps(row, budget) == (min(reachable) if reachable else None), (row.name, budget)
-    assert nfe_steps(ROWS[[r.sampler for r in ROWS].index(samplers.pndm)], 10) is None  # F-PNDM: 9 or 13
+    assert nfe_steps(ROWS[[r.sampler for r in ROWS].index(sampling.pndm)], 10) is None  # F-PNDM: 9 or 13
 
 
 def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
@@ -114,7 +114,7 @@ def test_closed_form_table_rows_columns_nfe_and_noise_floor(tmp_path):
     best = min(cell.frechet for (i, c), cell in result["cells"].items() if c == 10)
     assert best < floor_fd + 3 * floor_sd  # and the best 10-NFE sampler reaches the floor: the metric is sound
     # Paired with the exact ODE endpoint: an ODE solver nears it with more NFE; ancestral sampling does not.
-    dpm = ROWS.index(next(r for r in ROWS if r.sampler is samplers.dpm_solver and r.spacing == "logsnr"))
+    dpm = ROWS.index(next(r for r in ROWS if r.sampler is sampling.dpm_solver and r.spacing == "logsnr"))
     assert result["cells"][dpm, 10].paired[0] < result["cells"][dpm, 5].paired[0] < result["cells"][0, 5].paired[0]
     assert result["cells"][0, 10].paired[1] > 0.3  # DDPM's fresh noise moves many samples to another mode
 
@@ -263,7 +263,7 @@ def test_paired_comparison_of_the_exact_predictor_with_itself_is_zero():
     other = table(rows, data.model(sched), data, sched, [3], 16, seed=1, exact=exact["samples"], gamma_m=4)
     assert all(cell.paired[0] > 0.1 for cell in other["cells"].values())  # another x_T: far from the twins
     # Columns are steps by default (as benchmarks/consistency_mixture.py calls it): F-PNDM's 3 steps spend 9 NFE
-    pndm = table((Row("pndm", samplers.pndm),), data.model(sched), data, sched, [3], 16)
+    pndm = table((Row("pndm", sampling.pndm),), data.model(sched), data, sched, [3], 16)
     assert pndm["cells"][0, 3].nfe == 9 and pndm["cells"][0, 3].steps == 3
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion import resume
+from diffusion.cli import resume
 from diffusion.errors import UsageError
 from train import train
 

@@ -65,7 +65,7 @@ def test_deepcache_with_interval_one_is_the_plain_model(ckpt, tmp_path):
 
 def test_a_pretrained_folder_samples_like_its_checkpoint(ckpt, tmp_path):
     """Export the EMA weights to a diffusers folder, sample from it: the same images as from the checkpoint."""
-    from diffusion import pretrained
+    from diffusion.io import pretrained
 
     pretrained.export_checkpoint(ckpt, tmp_path / "folder")
     direct = draw(tmp_path / "direct", ckpt, "steps=4")
@@ -94,7 +94,7 @@ class PixelFeatures(torch.nn.Module):
 
 
 def test_fid_is_computed_against_the_training_data_and_recorded(ckpt, tmp_path, monkeypatch):
-    from diffusion import metrics
+    from diffusion.evaluation import fid as metrics
 
     monkeypatch.setattr(metrics, "Inception", PixelFeatures)
     draw(tmp_path / "run", ckpt, "steps=3", "fid=true", f"fid_stats_dir={tmp_path / 'stats'}", "logger=csv")
@@ -219,7 +219,7 @@ def test_analytic_dpm_computes_gamma_once_beside_the_checkpoint_and_reuses_it(ck
 
 
 def test_analytic_dpm_on_a_pretrained_folder_needs_the_data_named(ckpt, tmp_path):
-    from diffusion import pretrained
+    from diffusion.io import pretrained
 
     folder = pretrained.export_checkpoint(ckpt, tmp_path / "folder")
     common = [f"pretrained={folder}", "logger=none", "n_samples=2", "steps=5", "sampler=analytic_ddpm", "gamma_M=2"]
@@ -266,10 +266,11 @@ def _never_sample(*args, **kwargs):
 def test_what_would_fail_after_sampling_is_refused_before_it(problem, message, ckpt, tmp_path, monkeypatch):
     """Each used to raise after every sample was drawn (a traceback, or a misleading 'another run wrote ...'); the
     huge n_samples was OOM-killed at 22 GB without a word. Now: one line, before the first image."""
-    import sample as sample_script
-    from diffusion import inception, metrics
+    from diffusion.cli import sample_run
+    from diffusion.evaluation import fid as metrics
+    from diffusion.evaluation import inception
 
-    monkeypatch.setattr(sample_script, "generate", _never_sample)
+    monkeypatch.setattr(sample_run, "generate", _never_sample)
     monkeypatch.setattr(metrics, "Inception", Features2048)
     eye = np.eye(64)
     out, extra = tmp_path / "out", []
@@ -299,13 +300,13 @@ def test_what_would_fail_after_sampling_is_refused_before_it(problem, message, c
 
 
 def test_an_error_after_the_samples_are_written_says_where_they_are(ckpt, tmp_path, monkeypatch):
-    import sample as sample_script
+    from diffusion.cli import sample_run
 
     def broken(*args):
         raise UsageError("the scoring failed")
 
-    monkeypatch.setattr(sample_script, "_fid", broken)
-    monkeypatch.setattr(sample_script.metrics, "Inception", Features2048)
+    monkeypatch.setattr(sample_run, "record_fid", broken)
+    monkeypatch.setattr(sample_run.fid, "Inception", Features2048)
     ref = _stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
     with pytest.raises(UsageError, match=r"the scoring failed \(the 6 samples are saved in .*samples.npz"):
         draw(tmp_path / "out", ckpt, "steps=2", "fid=true", f"fid_ref={ref}")

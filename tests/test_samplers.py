@@ -10,23 +10,23 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion import samplers, schedule, timesteps
+from diffusion import sampling, schedule, timesteps
 from diffusion.mixture import GaussianMixture
 
 from .conftest import CONF
 
 F64 = torch.float64
 SAMPLERS = {
-    "ddpm": samplers.ddpm,
-    "ddpm_beta": partial(samplers.ddpm, variance="beta"),
-    "ddim": samplers.ddim,
-    "ddim_eta1": partial(samplers.ddim, eta=1.0),
-    "pndm": samplers.pndm,
-    "s_pndm": samplers.s_pndm,
-    "plms": samplers.plms,
-    "dpm_solver": samplers.dpm_solver,
-    "dpm_solver_3m": samplers.dpm_solver_3m,  # these two are in diffusion.solvers (tests/test_solvers.py)
-    "unipc": samplers.unipc,
+    "ddpm": sampling.ddpm,
+    "ddpm_beta": partial(sampling.ddpm, variance="beta"),
+    "ddim": sampling.ddim,
+    "ddim_eta1": partial(sampling.ddim, eta=1.0),
+    "pndm": sampling.pndm,
+    "s_pndm": sampling.s_pndm,
+    "plms": sampling.plms,
+    "dpm_solver": sampling.dpm_solver,
+    "dpm_solver_3m": sampling.dpm_solver_3m,  # these two: tests/test_solvers.py
+    "unipc": sampling.unipc,
 }
 
 
@@ -80,7 +80,7 @@ CLIPS_BY_DEFAULT = {
 @pytest.mark.parametrize("name", CLIPS_BY_DEFAULT)
 def test_clip_defaults_follow_the_papers_code_in_the_function_and_its_config(name):
     """DDPM's code clips x0 (p_sample's clip_denoised); DDIM's, PNDM's, DPM-Solver++'s and UniPC's do not."""
-    sampler = getattr(samplers, name)
+    sampler = getattr(sampling, name)
     assert inspect.signature(sampler).parameters["clip"].default is CLIPS_BY_DEFAULT[name]
     assert OmegaConf.load(CONF / "sampler" / f"{name}.yaml").clip is CLIPS_BY_DEFAULT[name]
     sched = schedule.linear(100)
@@ -108,7 +108,7 @@ def test_ddpm_with_all_steps_reproduces_a_gaussian(variance):
     sched = schedule.linear(200, beta_start=5e-4, beta_end=0.1)  # T = 1000's betas scaled by 1000 / T
     data, n = gaussian(dim=8, std=0.5), 4000
     x = torch.randn(n, 8, dtype=F64, generator=gen(0))
-    out = samplers.ddpm(
+    out = sampling.ddpm(
         data.model(sched), x, sched, timesteps.leading(200, 200), generator=gen(1), variance=variance, clip=False
     )
     assert float((out.mean(0) - data.means[0]).abs().max()) < 5 * 0.5 / n**0.5
@@ -122,7 +122,7 @@ def test_ddpm_with_all_steps_finds_the_modes_of_a_mixture():
     means = torch.tensor([[2.0, 0, 0, 0], [-2, 1, 0, 0], [0, -2, 1, 1]], dtype=F64)
     data = GaussianMixture(means, torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.3, 0.25]))
     x = torch.randn(4000, 4, dtype=F64, generator=gen(0))
-    out = samplers.ddpm(data.model(sched), x, sched, timesteps.leading(200, 200), generator=gen(1), clip=False)
+    out = sampling.ddpm(data.model(sched), x, sched, timesteps.leading(200, 200), generator=gen(1), clip=False)
     assert data.mode_weight_error(out) < 0.03  # uniform weights would be 0.17 off
     assert data.frechet(out) < 0.02
 
@@ -152,10 +152,10 @@ def test_ddpm_and_ddim_eta1_follow_ho_et_al_algorithm_2(steps, variance):
     x = torch.randn(8, 6, dtype=F64, generator=gen(0))
     ts = timesteps.leading(steps, sched.T)
     reference = ho_algorithm_2(data.model(sched), x, sched, ts, gen(1), variance)
-    ours = samplers.ddpm(data.model(sched), x, sched, ts, generator=gen(1), variance=variance, clip=False)
+    ours = sampling.ddpm(data.model(sched), x, sched, ts, generator=gen(1), variance=variance, clip=False)
     assert torch.allclose(ours, reference, atol=1e-9, rtol=0)
     if variance == "posterior":  # the posterior variance is DDIM's eta = 1 between the visited steps
-        ddim = samplers.ddim(data.model(sched), x, sched, ts, generator=gen(1), eta=1.0, clip=False)
+        ddim = sampling.ddim(data.model(sched), x, sched, ts, generator=gen(1), eta=1.0, clip=False)
         assert torch.allclose(ddim, reference, atol=1e-9, rtol=0)
 
 
@@ -167,7 +167,7 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     ts = timesteps.leading(10, sched.T)
 
     def run(eta, seed):
-        return samplers.ddim(model, noise, sched, ts, eta=eta, generator=gen(seed), clip=False)
+        return sampling.ddim(model, noise, sched, ts, eta=eta, generator=gen(seed), clip=False)
 
     assert torch.equal(run(0.0, 1), run(0.0, 2))
     assert not torch.allclose(run(1.0, 1), run(1.0, 2))
@@ -179,7 +179,7 @@ def test_ddim_eta0_converges_to_the_probability_flow_ode_at_first_order():
     errors = {}
     for steps in (10, 100, 1000):
         ts = timesteps.linspace(steps, sched.T)  # all start at t = T-1
-        errors[steps] = rms(samplers.ddim(data.model(sched), x, sched, ts, clip=False), ode_x0(x, 999, data, sched))
+        errors[steps] = rms(sampling.ddim(data.model(sched), x, sched, ts, clip=False), ode_x0(x, 999, data, sched))
     assert errors[1000] < errors[100] / 5 < errors[10] / 25, errors  # about 1/steps: first order
     assert errors[1000] < 2e-3, errors
 
@@ -227,16 +227,16 @@ def test_pndm_plms_and_dpm_solver_match_diffusers(steps):
             y = scheduler.step(model(y, torch.full((len(y),), t)), t, y).prev_sample
         return y
 
-    for ours, skip_prk in ((samplers.pndm, False), (samplers.plms, True)):
+    for ours, skip_prk in ((sampling.pndm, False), (sampling.plms, True)):
         reference = PNDMScheduler(trained_betas=sched.betas.numpy(), skip_prk_steps=skip_prk, set_alpha_to_one=True)
         reference.set_timesteps(steps)  # leading spacing, the same midpoints t - delta // 2
         got = ours(model, x, sched, timesteps.leading(steps, sched.T), clip=False)
         assert torch.allclose(got, run(reference), atol=1e-4, rtol=0)  # diffusers keeps alphas in float32
-        assert not torch.allclose(got, samplers.ddim(model, x, sched, timesteps.leading(steps, sched.T), clip=False))
+        assert not torch.allclose(got, sampling.ddim(model, x, sched, timesteps.leading(steps, sched.T), clip=False))
     ts = timesteps.logsnr(steps, sched)
     reference = DPMSolverMultistepScheduler(trained_betas=sched.betas.numpy(), solver_order=2, final_sigmas_type="zero")
     reference.set_timesteps(timesteps=ts.tolist())
-    assert torch.allclose(samplers.dpm_solver(model, x, sched, ts, clip=False), run(reference), atol=1e-4, rtol=0)
+    assert torch.allclose(sampling.dpm_solver(model, x, sched, ts, clip=False), run(reference), atol=1e-4, rtol=0)
 
 
 # -------------------------------------------------------------------- model evaluations (NFE)
@@ -279,10 +279,10 @@ def test_stochastic_samplers_draw_from_any_noise_source():
 
     sched, data = schedule.linear(100), separated_modes(dim=4)
     x, ts = torch.randn(3, 4, dtype=F64, generator=gen(0)), timesteps.leading(10, 100)
-    for sampler in (samplers.ddpm, partial(samplers.ddim, eta=0.5)):
+    for sampler in (sampling.ddpm, partial(sampling.ddim, eta=0.5)):
         expected = sampler(data.model(sched), x, sched, ts, generator=gen(1), clip=False)
         assert torch.equal(sampler(data.model(sched), x, sched, ts, generator=Rows(1), clip=False), expected)
-    assert samplers.randn_like(x, Rows(2)).shape == x.shape
+    assert sampling.randn_like(x, Rows(2)).shape == x.shape
 
 
 # -------------------------------------------------------------------- bad input
@@ -307,9 +307,9 @@ def test_bad_options_are_rejected():
     model, x, ts = gaussian(dim=2).model(sched), torch.randn(2, 2, dtype=F64), timesteps.leading(5, 100)
     for eta in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
-            samplers.ddim(model, x, sched, ts, eta=eta)
+            sampling.ddim(model, x, sched, ts, eta=eta)
     with pytest.raises(ValueError, match="variance must be 'posterior'"):
-        samplers.ddpm(model, x, sched, ts, variance="learned")
+        sampling.ddpm(model, x, sched, ts, variance="learned")
 
 
 # -------------------------------------------------------------------- the closed-form data distribution

@@ -20,9 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from benchmarks.mixture_testbed import load_checkpoint
-from diffusion import checkpoints, metrics, pretrained, registry
 from diffusion.errors import UsageError
+from diffusion.evaluation import fid as metrics
 from diffusion.images import save_npz
+from diffusion.io import checkpoints, pretrained, registry
 from diffusion.unet import UNet
 
 from .conftest import CONF, TINY_RUN, compose_config
@@ -50,9 +51,9 @@ def attacks(marker: Path, section: str) -> dict[str, tuple[dict, str, str | None
         "builtins.eval": ({"_target_": "builtins.eval", "_args_": [f"open({str(marker)!r}, 'w')"]}, "_target_", None),
         "method path in the package": (
             {
-                "_target_": "diffusion.pretrained.Path.write_text",
+                "_target_": "diffusion.io.pretrained.Path.write_text",
                 "data": "x",
-                "self": {"_target_": "diffusion.pretrained.Path", "_args_": [str(marker)]},
+                "self": {"_target_": "diffusion.io.pretrained.Path", "_args_": [str(marker)]},
             },
             "_target_",
             "hydra",
@@ -208,7 +209,7 @@ def test_messages_name_the_key_the_choices_and_the_parameters():
     with pytest.raises(UsageError, match="cannot build model"):  # the builder's own checks, as a usage error
         registry.build("model", {**MODEL, "norm_groups": 3})
     with pytest.raises(ValueError, match="unknown kind"):  # a programming error, not a user's
-        registry.check("sampler", {"_target_": "diffusion.samplers.ddim"})
+        registry.check("sampler", {"_target_": "diffusion.sampling.ddim"})
 
 
 def test_every_conf_target_is_registered_with_its_parameters(tmp_path):

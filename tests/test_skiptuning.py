@@ -12,11 +12,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from diffusion import samplers, schedule, timesteps
-from diffusion.deepcache import DeepCache
+from diffusion import sampling, schedule, timesteps
 from diffusion.errors import UsageError
-from diffusion.skiptuning import SkipTuning, skip_scales
 from diffusion.unet import UNet
+from diffusion.wrappers.deepcache import DeepCache
+from diffusion.wrappers.skiptuning import SkipTuning, skip_scales
 
 from .conftest import compose_config
 from .test_unet import TINY, diffusers_unet, perturbed
@@ -146,16 +146,16 @@ def test_exactly_the_skips_are_scaled_by_their_levels_rho(unet):
 def test_deepcache_interval_one_is_skip_tuning_alone_bit_for_bit(unet):
     tuned, x = SkipTuning(unet, rho_top=0.95, rho_bottom=0.6), noise(1)
     ts = timesteps.make("leading", 6, SCHED)
-    alone = samplers.ddim(tuned, x, SCHED, ts)
-    cached = samplers.ddim(DeepCache(tuned, ts, interval=1), x, SCHED, ts)
+    alone = sampling.ddim(tuned, x, SCHED, ts)
+    cached = sampling.ddim(DeepCache(tuned, ts, interval=1), x, SCHED, ts)
     assert torch.equal(cached, alone)
 
 
 @pytest.mark.parametrize("branch", [None, 0, 2])
 def test_rho_one_under_deepcache_is_deepcache_alone_bit_for_bit(unet, branch):
     ts, x = timesteps.make("leading", 7, SCHED), noise(2)
-    plain = samplers.ddim(DeepCache(unet, ts, interval=3, branch=branch), x, SCHED, ts)
-    tuned = samplers.ddim(DeepCache(SkipTuning(unet, 1.0, 1.0), ts, interval=3, branch=branch), x, SCHED, ts)
+    plain = sampling.ddim(DeepCache(unet, ts, interval=3, branch=branch), x, SCHED, ts)
+    tuned = sampling.ddim(DeepCache(SkipTuning(unet, 1.0, 1.0), ts, interval=3, branch=branch), x, SCHED, ts)
     assert torch.equal(tuned, plain)
 
 
@@ -181,7 +181,7 @@ def test_deepcache_shallow_calls_use_the_scaled_skips(unet, branch):
 
 def test_a_whole_trajectory_under_deepcache_runs_with_every_sampler(unet):
     ts = timesteps.make("leading", 5, SCHED)
-    for sampler in (samplers.ddim, samplers.pndm, samplers.dpm_solver):
+    for sampler in (sampling.ddim, sampling.pndm, sampling.dpm_solver):
         cache = DeepCache(SkipTuning(unet, 1.0, 0.7), ts, interval=2)
         out = sampler(cache, noise(4), SCHED, ts)
         assert torch.isfinite(out).all() and cache.full_calls >= 3 and cache.shallow_calls >= 2
@@ -221,7 +221,7 @@ def test_the_config_builds_the_wrapper(unet, tmp_path):
 @pytest.fixture(scope="module")
 def folder(unet, tmp_path_factory):
     """The tiny UNet as a `pretrained=` diffusers folder (pretrained.load gives back our UNet class)."""
-    from diffusion import pretrained
+    from diffusion.io import pretrained
 
     return pretrained.export(unet, SCHED, tmp_path_factory.mktemp("folder"))
 

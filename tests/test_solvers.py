@@ -1,7 +1,8 @@
-"""The log-SNR ODE solvers (diffusion.solvers): DPM-Solver++(2M, 3M) and UniPC against diffusers' schedulers on the
-same timesteps to float64 precision, against the exact probability-flow ODE of Gaussian data (convergence order),
-and the sampler contract (NFE = S, every step count, option checks)."""
+"""The log-SNR ODE solvers (diffusion/sampling/dpm_solver.py, unipc.py): DPM-Solver++(2M, 3M) and UniPC against
+diffusers' schedulers on the same timesteps to float64 precision, against the exact probability-flow ODE of Gaussian
+data (convergence order), and the sampler contract (NFE = S, every step count, option checks)."""
 
+import importlib
 import subprocess
 import sys
 from functools import partial
@@ -10,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import samplers, schedule, solvers, timesteps
+from diffusion import sampling, schedule, timesteps
 from diffusion.mixture import GaussianMixture
 
 F64 = torch.float64
 SCHEDULES = [schedule.linear(1000), schedule.cosine(1000)]
 SOLVERS = {
-    "dpm_solver": solvers.dpm_solver,
-    "dpm_solver_3m": solvers.dpm_solver_3m,
-    **{f"unipc{p}": partial(solvers.unipc, order=p) for p in (1, 2, 3)},
-    **{f"unipc{p} bh1": partial(solvers.unipc, order=p, variant="bh1") for p in (1, 2, 3)},
+    "dpm_solver": sampling.dpm_solver,
+    "dpm_solver_3m": sampling.dpm_solver_3m,
+    **{f"unipc{p}": partial(sampling.unipc, order=p) for p in (1, 2, 3)},
+    **{f"unipc{p} bh1": partial(sampling.unipc, order=p, variant="bh1") for p in (1, 2, 3)},
 }
 
 
@@ -64,14 +65,14 @@ def test_dpm_solver_2m_and_3m_match_diffusers_to_float64_precision(sched):
     model, x = separated_modes().model(sched), torch.randn(16, 6, dtype=F64, generator=gen(1))
     for steps in STEPS:
         ts = timesteps.logsnr(steps, sched)
-        kept = partial(solvers.dpm_solver_3m, lower_order_final=False)
+        kept = partial(sampling.dpm_solver_3m, lower_order_final=False)
         # diffusers' lower_order_final=False: orders rise to `order` and only the step onto sigma = 0 is first order
         # (ours with lower_order_final=False); its default (True) also lowers the step before it to second order,
         # below 15 steps only (ours by default lowers it at every step count); for 2M the two settings are the same
         cases = {
-            (solvers.dpm_solver, 2): (False, True),
+            (sampling.dpm_solver, 2): (False, True),
             (kept, 3): (False, True) if steps >= 15 else (False,),
-            (solvers.dpm_solver_3m, 3): (True,) if steps < 15 else (),
+            (sampling.dpm_solver_3m, 3): (True,) if steps < 15 else (),
         }
         for (ours, order), settings in cases.items():
             got = ours(model, x, sched, ts)
@@ -85,13 +86,13 @@ def test_dpm_solver_2m_and_3m_match_diffusers_to_float64_precision(sched):
                 )
                 ref.set_timesteps(timesteps=ts.tolist())
                 assert torch.allclose(got, reference(ref, model, x, ts, sched), atol=1e-11, rtol=0), (steps, order)
-        two = solvers.dpm_solver(model, x, sched, ts)
+        two = sampling.dpm_solver(model, x, sched, ts)
         if steps >= 4:  # from the fourth step on the third order is used: not the same sampler as 2M
             assert not torch.allclose(kept(model, x, sched, ts), two)
         if steps >= 5:  # lowered, the third order is used from the fourth step up to the third-to-last
-            assert not torch.allclose(solvers.dpm_solver_3m(model, x, sched, ts), two)
+            assert not torch.allclose(sampling.dpm_solver_3m(model, x, sched, ts), two)
         if steps >= 15:  # diffusers no longer lowers there: ours differs from it (and from 3M kept) in that one step
-            assert not torch.allclose(solvers.dpm_solver_3m(model, x, sched, ts), kept(model, x, sched, ts))
+            assert not torch.allclose(sampling.dpm_solver_3m(model, x, sched, ts), kept(model, x, sched, ts))
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=str)
@@ -108,7 +109,7 @@ def test_the_official_ending_onto_t_0_differs_from_ours_by_sigma_0_times_the_noi
                                           final_sigmas_type="sigma_min")  # fmt: skip
         ref.set_timesteps(timesteps=ts.tolist())
         official = reference(ref, model, x, ts, sched, final_sigma=((1 - abar_0) / abar_0) ** 0.5)
-        ours = solvers.dpm_solver(model, x, sched, ts)
+        ours = sampling.dpm_solver(model, x, sched, ts)
         gap = (official - ours).pow(2).mean().sqrt()  # 0.1-0.5 sigma_0; x instead of x0 at 5 steps: 2.5-3.4 sigma_0
         assert 0 < gap < 2 * (1 - abar_0) ** 0.5, (steps, gap)  # sigma_0 = 0.01 (linear), 0.006 (cosine)
         # single values differ more than the RMS: up to 1.9 sigma_0 here, 3.7 sigma_0 (0.037) on the image mixture
@@ -129,7 +130,7 @@ def test_unipc_matches_diffusers_to_float64_precision(sched, variant):
                 trained_betas=sched.betas.numpy(), solver_order=order, solver_type=variant, predict_x0=True
             )
             ref.set_timesteps(steps)  # then replaced by ours (set_timesteps takes no custom timesteps)
-            got = solvers.unipc(model, x, sched, ts, order=order, variant=variant)
+            got = sampling.unipc(model, x, sched, ts, order=order, variant=variant)
             last = reference(ref, model, x, ts, sched)
             if variant == "bh1":  # diffusers' last step onto sigma = 0 is NaN there (B(h) = h with h = inf); compare
                 assert bool(last.isnan().all())  # the x0 it took at the last point, which is what that step returns
@@ -140,7 +141,7 @@ def test_unipc_matches_diffusers_to_float64_precision(sched, variant):
         assert (steps >= 3) != torch.allclose(outputs[0], outputs[1]), steps
         assert (steps >= 5) != torch.allclose(outputs[1], outputs[2]), steps
         if variant == "bh1" and steps >= 3:  # B(h) only enters from the second order on
-            assert not torch.allclose(outputs[1], solvers.unipc(model, x, sched, ts, order=2)), steps
+            assert not torch.allclose(outputs[1], sampling.unipc(model, x, sched, ts, order=2)), steps
 
 
 # -------------------------------------------------------------------- the exact ODE of Gaussian data
@@ -180,8 +181,8 @@ ASYMPTOTIC = [40, 57, 80, 113, 160]
 
 @pytest.mark.parametrize("sched", FINE, ids=str)
 def test_each_solver_converges_to_the_exact_ode_at_its_order(sched):
-    assert slope(samplers.ddim, sched, ASYMPTOTIC) == pytest.approx(1, abs=0.15)  # the harness sees DDIM's first order
-    assert slope(solvers.dpm_solver, sched, ASYMPTOTIC) == pytest.approx(2, abs=0.15)
+    assert slope(sampling.ddim, sched, ASYMPTOTIC) == pytest.approx(1, abs=0.15)  # the harness sees DDIM's first order
+    assert slope(sampling.dpm_solver, sched, ASYMPTOTIC) == pytest.approx(2, abs=0.15)
     assert slope(SOLVERS["unipc1"], sched, ASYMPTOTIC) == pytest.approx(2, abs=0.15)  # UniPC-p: order p + 1
     assert slope(SOLVERS["unipc2"], sched, ASYMPTOTIC) == pytest.approx(3, abs=0.15)
     # any B(h) = O(h) keeps UniPC's order (the paper's Theorem 3.1), B(h) = h as well; its slope nears p + 1 from
@@ -193,8 +194,8 @@ def test_each_solver_converges_to_the_exact_ode_at_its_order(sched):
     assert slope(SOLVERS["unipc3"], sched, [57, 80, 113, 160]) > 2.8
     # 3M: third order over the step counts it is used at; from ~50 steps its first (Euler) step's O(h^2) error,
     # tiny at that noise level, takes over and the slope falls towards 2 (diffusers' 3M does the same)
-    assert slope(solvers.dpm_solver_3m, sched, [10, 14, 20, 28]) == pytest.approx(3, abs=0.25)
-    assert 1.9 < slope(solvers.dpm_solver_3m, sched, [80, 113, 160]) < 2.4
+    assert slope(sampling.dpm_solver_3m, sched, [10, 14, 20, 28]) == pytest.approx(3, abs=0.25)
+    assert 1.9 < slope(sampling.dpm_solver_3m, sched, [80, 113, 160]) < 2.4
 
 
 @pytest.mark.parametrize("sched", FINE + SCHEDULES, ids=str)
@@ -203,8 +204,8 @@ def test_third_order_solvers_beat_2m_on_the_exact_ode(sched):
     # at 20 steps and fewer the log-SNR step (about 10 / S) is too long for the order to decide: 3M is up to 16%
     # behind 2M at 20 steps on the cosine schedule (T = 100000), UniPC-3 ahead of both from 14 steps on
     for steps in (28, 40, 57):
-        dpm_2m = ode_error(solvers.dpm_solver, sched, steps, x)
-        assert ode_error(solvers.dpm_solver_3m, sched, steps, x) < 0.8 * dpm_2m, steps
+        dpm_2m = ode_error(sampling.dpm_solver, sched, steps, x)
+        assert ode_error(sampling.dpm_solver_3m, sched, steps, x) < 0.8 * dpm_2m, steps
         assert ode_error(SOLVERS["unipc3"], sched, steps, x) < 0.5 * dpm_2m, steps
 
 
@@ -256,19 +257,17 @@ def test_bad_order_or_variant_is_refused():
     model, x, ts = separated_modes(dim=2).model(sched), torch.randn(2, 2, dtype=F64), timesteps.logsnr(5, sched)
     for order in (0, 4, -1, 2.0, True, "3", None):
         with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
-            solvers.unipc(model, x, sched, ts, order=order)
+            sampling.unipc(model, x, sched, ts, order=order)
     for variant in ("bh3", "BH1", "", None, 1):
         with pytest.raises(ValueError, match="variant must be 'bh1'"):
-            solvers.unipc(model, x, sched, ts, variant=variant)
+            sampling.unipc(model, x, sched, ts, variant=variant)
 
 
-def test_the_solvers_are_reachable_from_diffusion_samplers_whichever_module_is_imported_first():
-    for name in ("dpm_solver", "dpm_solver_3m", "unipc"):
-        assert getattr(samplers, name) is getattr(solvers, name)
-    with pytest.raises(AttributeError, match="has no attribute 'dpm_solver_4m'"):
-        samplers.dpm_solver_4m  # noqa: B018
-    code = (
-        "import diffusion.solvers, diffusion.samplers as s; from diffusion.samplers import unipc; print(s.dpm_solver)"
-    )
+def test_each_solver_is_one_object_under_both_names_and_imports_alone():
+    """diffusion.sampling.unipc (what conf/sampler names) is the function of diffusion/sampling/unipc.py; each file
+    imports without the others (the old samplers and solvers modules reached into each other)."""
+    for name, file in (("dpm_solver", "dpm_solver"), ("dpm_solver_3m", "dpm_solver"), ("unipc", "unipc")):
+        assert getattr(sampling, name) is getattr(importlib.import_module(f"diffusion.sampling.{file}"), name)
+    code = "import importlib; print(importlib.import_module('diffusion.sampling.unipc').unipc.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "dpm_solver" in out.stdout, out.stderr
+    assert out.returncode == 0 and "diffusion.sampling.unipc" in out.stdout, out.stderr

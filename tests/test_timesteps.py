@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion import samplers, schedule, timesteps
+from diffusion import sampling, schedule, timesteps
 from diffusion.errors import UsageError
 from diffusion.mixture import GaussianMixture
 
@@ -171,7 +171,7 @@ def test_steps_out_of_range_are_rejected(name):
 
 
 # -------------------------------------------------------------------- the start: pure noise
-SAMPLERS = [samplers.ddpm, samplers.ddim, samplers.pndm, samplers.s_pndm, samplers.plms, samplers.dpm_solver]
+SAMPLERS = [sampling.ddpm, sampling.ddim, sampling.pndm, sampling.s_pndm, sampling.plms, sampling.dpm_solver]
 
 
 def test_every_samplers_default_spacing_starts_from_noise_on_every_schedule():
@@ -179,7 +179,7 @@ def test_every_samplers_default_spacing_starts_from_noise_on_every_schedule():
     cfg = OmegaConf.load(CONF / "sample.yaml")
     assert cfg.spacing is None and cfg.steps == 50
     for sampler in sorted((CONF / "sampler").glob("*.yaml")):
-        target = OmegaConf.load(sampler).get("_target_", "diffusion.samplers.ddim")  # deepcache.yaml: DDIM's
+        target = OmegaConf.load(sampler).get("_target_", "diffusion.sampling.ddim")  # deepcache.yaml: DDIM's
         spacing, why = timesteps.PAPER_SPACING[target.rsplit(".", 1)[-1]]
         for path in sorted((CONF / "schedule").glob("*.yaml")):
             sched = instantiate(OmegaConf.load(path))
@@ -256,9 +256,9 @@ def test_a_deliberate_late_start_passes_with_the_schedule_cut_there():
     data = GaussianMixture(torch.tensor([[0.5, -0.5]], dtype=torch.float64), torch.ones(1), 0.0)
     ts, x = torch.arange(500, -1, -50), torch.randn(3, 2, dtype=torch.float64)
     with pytest.raises(UsageError, match="Schedule\\(schedule.betas\\[: t0 \\+ 1\\]\\)"):
-        samplers.ddim(data.model(sched), x, sched, ts)
+        sampling.ddim(data.model(sched), x, sched, ts)
     cut = schedule.Schedule(sched.betas[:501])
-    assert torch.allclose(samplers.ddim(data.model(sched), x, cut, ts, clip=False), data.means.expand(3, 2))
+    assert torch.allclose(sampling.ddim(data.model(sched), x, cut, ts, clip=False), data.means.expand(3, 2))
 
 
 # -------------------------------------------------------------------- benchmarks/leading_spacing.py

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion import checkpoints
 from diffusion.errors import UsageError
-from diffusion.training import eps_loss
+from diffusion.io import checkpoints
+from diffusion.training.losses import eps_loss
 from train import train
 
 from .conftest import ROOT, TINY_RUN, compose_config
@@ -138,7 +138,7 @@ def test_wandb_goes_offline_without_credentials_and_logs_the_loss(tmp_path, monk
 def test_fid_during_training_is_logged(tmp_path, monkeypatch):
     """callbacks.fid.every_n_steps > 0 logs val/fid against the cached training-set statistics (the Inception
     network, whose weights cannot be downloaded here, is swapped for a pixel-statistics stand-in)."""
-    from diffusion import callbacks
+    from diffusion.training import callbacks
 
     class Pixels(torch.nn.Module):
         name = "pixel-quadrants"

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion import checkpoints, schedule
-from diffusion.training import ema_update, eps_loss
+from diffusion import schedule
+from diffusion.io import checkpoints
+from diffusion.training.losses import eps_loss
+from diffusion.training.module import ema_update
 
 
 def test_eps_loss_is_zero_for_the_exact_predictor_and_one_for_zero():

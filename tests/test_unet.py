@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from diffusion.pretrained import to_diffusers
+from diffusion.io.pretrained import to_diffusers
 from diffusion.unet import Attention, ResBlock, UNet, timestep_embedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -1,0 +1,149 @@
+"""Training objectives: DDPM's noise-prediction loss, and the consistency losses (CD, CT, PCM) with their teacher
+steps, distances, weightings and curriculum.
+
+    eps_loss     L_simple of Ho et al. (eq. 14)
+    cd_loss      consistency distillation (Song et al. 2023, Alg. 2; PCM, Wang et al. 2024, with phases > 1)
+    ct_loss      consistency training (Song et al. 2023, Alg. 3, with Song & Dhariwal 2023's improvements)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..sampling.consistency import column, ddim_to, edge_below, log_ve, make_grid, phase_edges
+from ..sampling.core import Model, predict_x0
+from ..schedule import Schedule, eps_from_x0, x_at
+
+__all__ = ["eps_loss", "dpm_solver_step", "SOLVERS", "DISTANCES", "distance", "cd_loss", "ct_loss", "ct_steps",
+           "lognormal_weights"]  # fmt: skip
+
+
+def eps_loss(model: nn.Module, schedule: Schedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """L_simple of Ho et al. (eq. 14): t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), MSE(eps, model(x_t, t))."""
+    t = torch.randint(0, schedule.T, (len(x0),), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    return F.mse_loss(model(schedule.q_sample(x0, t, noise), t).float(), noise.float())
+
+
+# -------------------------------------------------------------------- the teacher's ODE steps (CD)
+def dpm_solver_step(model: Model, schedule: Schedule, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """One DPM-Solver++(2S) step from t to s (Lu et al. 2022, Alg. 1) with the midpoint m = (t + s) // 2, in
+    lambda r = (lam_m - lam_t) / h: D = (1 - 1/2r) x0_t + 1/2r x0_m; the update is DDIM's with x0 = D. Onto clean
+    data (s = -1) it returns x0_t, the lower-order final step of sampling.dpm_solver. Two model calls."""
+    abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
+    m = torch.where(s >= 0, torch.div(t + s, 2, rounding_mode="floor"), t)  # never -1: no call at clean data
+    abar_m = schedule.alpha_bar(m)
+    eps = model(x, t)
+    x0_t = predict_x0(x, eps, column(abar_t, x), False)
+    u = x_at(x0_t, eps, column(abar_m, x))  # the first-order (DDIM) step to the midpoint
+    x0_m = predict_x0(u, model(u, m), column(abar_m, x), False)
+    clean = s < 0  # lambda = -log s: h = lambda_s - lambda_t
+    h = torch.where(clean, torch.ones_like(abar_t), log_ve(abar_t) - log_ve(abar_s))
+    r = torch.where(clean, torch.ones_like(abar_t), (log_ve(abar_t) - log_ve(abar_m)) / h)
+    d = (1 - 1 / (2 * column(r, x))) * x0_t + 1 / (2 * column(r, x)) * x0_m
+    d = torch.where(column(clean, x).bool(), x0_t, d)
+    return x_at(d, eps_from_x0(x, d, column(abar_t, x)), column(abar_s, x))
+
+
+SOLVERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim_to, "dpm_solver": dpm_solver_step}
+
+
+# -------------------------------------------------------------------- distances and losses
+Distance = Callable[[Tensor, Tensor], Tensor]  # (a, b) -> per-sample distance [B]
+
+
+def distance(loss: str | Distance, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample distance [B]: "l2" the mean squared error (LCM), "pseudo_huber" sqrt(|a - b|^2 + c^2) - c with
+    c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, sec. 3.3), or a callable (a, b) -> [B] such as
+    diffusion.evaluation.lpips.LPIPS (Song et al. 2023's CD on images; it needs weight files, so the caller builds
+    it: ConsistencyModule)."""
+    if callable(loss):
+        return loss(a, b)
+    diff = (a - b).flatten(1)
+    diff = diff.float() if diff.element_size() < 4 else diff  # bf16 / fp16 outputs: the distance in fp32
+    if loss == "l2":
+        return diff.pow(2).mean(1)
+    if loss == "pseudo_huber":
+        c = 0.00054 * diff.shape[1] ** 0.5
+        return (diff.pow(2).sum(1) + c**2).sqrt() - c
+    raise ValueError(f"unknown consistency loss {loss!r}: choose l2 or pseudo_huber, or pass a callable (LPIPS)")
+
+
+DISTANCES = ("l2", "pseudo_huber", "lpips")  # lpips: diffusion.evaluation.lpips.LPIPS, built by ConsistencyModule
+Consistency = Callable[[Tensor, Tensor, Tensor], Tensor]  # f(x, t, edge)
+
+
+def cd_loss(f: Consistency, f_target: Consistency, teacher: Model, schedule: Schedule, x0: Tensor, *, N: int,
+            k: int = 1, phases: int = 1, solver: str = "ddim", loss: str | Distance = "l2", grid: str = "karras",
+            weighting: bool = False, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """Consistency distillation (Song et al. 2023, Alg. 2; PCM with phases > 1): n ~ U{0..N-k} on the `grid`
+    discretization (make_grid), x_hi = q_sample(x0, t_{n+k}), x_lo = the teacher's `solver` step to t_n (not below
+    the phase edge e of t_{n+k}); the loss is lambda d(f(x_hi, t_{n+k}, e), f_target(x_lo, t_lo, e)), the target
+    without gradients, lambda = 1 (Song et al. 2023) or with `weighting` 1 / (s_hi - s_lo) in the VE noise level
+    (Song & Dhariwal 2023 sec. 3.2: each interval's pull in proportion to how little its ends differ)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if not 1 <= k <= N:
+        raise ValueError(f"the skipping step k={k} must lie in 1..N={N}")
+    ts, edges = make_grid(grid, N, schedule).to(x0.device), phase_edges(phases, schedule.T).to(x0.device)
+    n = torch.randint(0, N - k + 1, (len(x0),), device=x0.device, generator=generator)
+    t_hi = ts[n + k]
+    edge = edge_below(t_hi, edges)
+    t_lo = torch.maximum(ts[n], edge)
+    z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    x_hi = x_at(x0, z, column(schedule.alpha_bar(t_hi), x0))
+    with torch.no_grad():
+        target = f_target(SOLVERS[solver](teacher, schedule, x_hi, t_hi, t_lo), t_lo, edge)
+    d = distance(loss, f(x_hi, t_hi, edge), target)
+    return (d / _ve_gap(schedule, t_lo, t_hi).to(d) if weighting else d).mean()
+
+
+def _ve_gap(schedule: Schedule, t_lo: Tensor, t_hi: Tensor) -> Tensor:
+    """s(t_hi) - s(t_lo) [B], s = sigma / alpha the VE noise level (0 at clean data): iCT's lambda is its inverse."""
+    return log_ve(schedule.alpha_bar(t_hi)).exp() - log_ve(schedule.alpha_bar(t_lo)).exp()
+
+
+def lognormal_weights(ts: Tensor, schedule: Schedule, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """P(n) for the interval [t_n, t_{n+1}] of the grid ts [N + 1], n = 0..N-1: erf((ln s_{n+1} - P_mean) / (sqrt 2
+    P_std)) - erf((ln s_n - P_mean) / (sqrt 2 P_std)) normalised, with s = sigma / alpha the VE noise level (Song &
+    Dhariwal 2023 sec. 3.5)."""
+    abar = schedule.alpha_bar(ts.cpu()).cpu()
+    cdf = torch.erf((log_ve(abar) - p_mean) / (math.sqrt(2) * p_std))  # s_0 = 0: erf = -1
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def ct_loss(f: Consistency, f_target: Consistency, schedule: Schedule, x0: Tensor, *, N: int,
+            loss: str | Distance = "pseudo_huber", lognormal: bool = True, weighting: bool = True, grid: str = "karras",
+            generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """Consistency training (Song et al. 2023, Alg. 3): x_lo and x_hi from the same x0 and z at t_n and t_{n+1}, loss
+    lambda d(f(x_hi, t_{n+1}), f_target(x_lo, t_n)); with Song & Dhariwal 2023's n ~ `lognormal_weights` and
+    lambda = 1 / (s_{n+1} - s_n) (`weighting`; else n uniform and lambda = 1)."""
+    ts = make_grid(grid, N, schedule).to(x0.device)
+    if lognormal:
+        p = lognormal_weights(ts, schedule).to(x0.device)
+        n = torch.multinomial(p, len(x0), replacement=True, generator=generator)
+    else:
+        n = torch.randint(0, N, (len(x0),), device=x0.device, generator=generator)
+    t_lo, t_hi = ts[n], ts[n + 1]
+    z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    abar_lo, abar_hi = schedule.alpha_bar(t_lo), schedule.alpha_bar(t_hi)
+    edge = torch.full_like(t_lo, -1)
+    with torch.no_grad():
+        target = f_target(x_at(x0, z, column(abar_lo, x0)), t_lo, edge)
+    d = distance(loss, f(x_at(x0, z, column(abar_hi, x0)), t_hi, edge), target)
+    return (d / _ve_gap(schedule, t_lo, t_hi).to(d) if weighting else d).mean()
+
+
+def ct_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """N(k) = min(s0 2^floor(k / K'), s1), K' = floor(K / (log2 floor(s1 / s0) + 1)): the improved CT curriculum
+    (Song & Dhariwal 2023 eq. 8, counting intervals; the paper's N is this + 1 points). Cap s1 at T yourself."""
+    if not (K >= 1 and 1 <= s0 <= s1 and k >= 0):
+        raise ValueError(f"the CT curriculum needs K >= 1, 1 <= s0 <= s1 and k >= 0, got k={k} K={K} s0={s0} s1={s1}")
+    K_prime = max(1, math.floor(K / (math.log2(s1 // s0) + 1)))
+    return min(s0 * 2 ** (k // K_prime), s1)
