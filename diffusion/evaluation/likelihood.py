@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..sampling.analytic import check_gamma, cov_bound, reverse_variance
 from ..sampling.core import Generator, Model, ddim_step, predict_x0, randn_like, steps, t_batch
-from ..schedule import Schedule
+from ..schedule import Schedule, x_at
 
 __all__ = ["nll_bound", "VARIANCES", "DECODERS"]
 
@@ -67,7 +67,7 @@ def nll_bound(
     nats = 0.5 * (a * x0**2 - a - math.log(1 - a)).flatten(1).sum(1)
     for t, s, abar_t, abar_s in trajectory:
         noise = randn_like(x0, generator)
-        x = abar_t**0.5 * x0 + (1 - abar_t) ** 0.5 * noise
+        x = x_at(x0, noise, abar_t)
         eps = model(x.to(torch.get_default_dtype()), t_batch(x, t)).double()
         if s >= 0:
             mean_q = ddim_step(x, noise, abar_t, abar_s, eta=1.0, std=0.0)  # the posterior mean at the true x0
