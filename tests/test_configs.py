@@ -1,9 +1,6 @@
-"""Every config file composes and builds its object; README's commands compose exactly as written."""
+"""Every config file composes and builds its object (the README's and docs' commands: tests/test_docs.py)."""
 
 from __future__ import annotations
-
-import re
-import shlex
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from omegaconf import OmegaConf
 from diffusion.training.precision import resolve_precision
 from diffusion.training.strategies import FSDP, torch_shards_right
 
-from .conftest import CONF, ROOT, compose_config
+from .conftest import CONF, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -103,54 +100,6 @@ def test_experiment_presets_override_the_top_level_defaults(tmp_path):
 @pytest.mark.parametrize("name", options("sampler"))
 def test_sampler_configs_build(name, tmp_path):
     assert callable(instantiate(compose_config("sample", [f"sampler={name}"], tmp_path).sampler))
-
-
-# ---------------------------------------------------------------- README commands
-
-
-def readme_commands() -> list[tuple[str, list[str]]]:
-    """(script, overrides) for every `python train.py ...` / `python sample.py ...` command in README.md."""
-    found = []
-    for line in (ROOT / "README.md").read_text().splitlines():
-        for command in line.split("&&"):
-            match = re.match(r"\s*(?:srun )?python (train|sample)\.py(.*)", command)
-            if match:
-                args = shlex.split(match[2].split("#")[0])
-                if "--cfg" in args:  # `--cfg job` prints the config: compose what precedes it
-                    args = args[: args.index("--cfg")]
-                found.append((match[1], [a for a in args if a != "-m"]))
-    return found
-
-
-def test_readme_shows_the_main_commands():
-    commands = {(s, " ".join(a)) for s, a in readme_commands()}
-    assert ("train", "data=cifar10 schedule=cosine") in commands
-    assert ("sample", "sampler=ddim steps=50") in commands or ("sample", "sampler=pndm steps=50") in commands
-
-
-@pytest.mark.parametrize(
-    "script, overrides", readme_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v
-)
-def test_readme_commands_compose(script, overrides, tmp_path):
-    sweep = [o for o in overrides if _is_sweep(o.split("=", 1)[-1])]
-    for combination in _expand(overrides) if sweep else [overrides]:
-        cfg = compose_config("train" if script == "train" else "sample", combination, tmp_path)
-        assert cfg
-
-
-def _is_sweep(value: str) -> bool:
-    """`a,b` is a multirun sweep; `[a,b]` and `{k:a,l:b}` are one list / dict value (Hydra's grammar)."""
-    return "," in value and not value.startswith(("[", "{"))
-
-
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """Hydra multirun's cartesian product of comma-separated values."""
-    runs = [[]]
-    for o in overrides:
-        key, _, value = o.partition("=")
-        values = value.split(",") if _is_sweep(value) else [value]
-        runs = [r + [f"{key}={v}"] for r in runs for v in values]
-    return runs
 
 
 # ---------------------------------------------------------------- bad input

@@ -109,6 +109,6 @@ def dpm_solver_3m(
     multistep with order=3): orders 1, 2, then 3 from the third step, and first order onto clean data. NFE = S.
 
     `lower_order_final`: the step before the one onto clean data is of second order at most, as the official code
-    does below 10 steps and diffusers below 15 (docs/sampling.md gives the measurements behind the default).
+    does below 10 steps and diffusers below 15 (docs/solvers.md gives the measurements behind the default).
     """
     return _dpm_solver_multistep(model, x, schedule, timesteps, 3, clip, lower_order_final)

@@ -14,10 +14,9 @@ the DDPM UNets' n = 2, the only n that code handles): the official `--branch 2` 
 stack is conv_in, then for each level its `num_res_blocks` (n) block outputs and its downsample. Branch b is
 level b // (n + 1), position b % (n + 1), where position n is the level's downsample; valid branches are
 0 .. L (n + 1) - 2 for L levels. The default, b = n - 1 (1 for the DDPM UNets), caches everything below the
-first resolution level: a cached call runs only the full-resolution blocks. Its MACs ratios at 100 steps, 1.47 /
-1.73 / 2.05 / 2.36 at N = 2 / 3 / 5 / 10 for the CIFAR-10 UNet, are the paper's CIFAR-10 figures (1.47 / 1.72 /
-2.03 / 2.32), also under the official counter's conventions. b = n (2), the official README's CIFAR-10 choice, is
-the level's downsample: it also reruns a 16x16 up block with attention and saves less (1.30 / 1.43 / 1.57 / 1.70;
+first resolution level: a cached call runs only the full-resolution blocks, and its MACs ratios for the CIFAR-10
+UNet are the paper's CIFAR-10 figures. b = n (2), the official README's CIFAR-10 choice, is the level's downsample:
+it also reruns a 16x16 up block with attention and saves less (docs/acceleration.md,
 benchmarks/results/deepcache_macs.md).
 Down block (level, j) pairs with up block (level, n - 1 - j); the downsample of level l with up block (l + 1, n).
 
