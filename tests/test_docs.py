@@ -105,3 +105,12 @@ def test_every_module_path_the_pages_name_exists():
             if not (ROOT / Path(*module.split("."))).with_suffix(".py").is_file():
                 wrong.append(f"{page.relative_to(ROOT)}: {module}")
     assert not wrong, wrong
+
+
+def test_every_import_line_of_the_pages_imports():
+    """`from diffusion... import ...` lines in code blocks keep working after a move (or are replaced everywhere)."""
+    lines = {line.strip() for page in PAGES for line in page.read_text().splitlines()
+             if re.match(r"\s*(from diffusion[\w.]* import [\w, ]+|import diffusion[\w.]*)\s*$", line)}  # fmt: skip
+    assert lines  # the pages show the library API
+    for line in sorted(lines):
+        exec(line, {})  # noqa: S102 (our own docs' import lines)
