@@ -24,7 +24,8 @@ from torch import Tensor
 from benchmarks.deepcache_speed import PAPER, ddim_runs
 from benchmarks.testbed import diffusers_unet, seconds
 from diffusion import sampling, schedule, timesteps
-from diffusion.io.pretrained import scheduler_config, to_diffusers
+from diffusion.io.export import scheduler_config
+from diffusion.io.pretrained import to_diffusers
 from diffusion.sampling.generate import Autocast
 from diffusion.unet import UNet
 from diffusion.wrappers.deepcache import cached_cost, macs_speedup

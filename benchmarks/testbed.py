@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion.io.pretrained import diffusers_config
+from diffusion.io.export import diffusers_config
 from diffusion.unet import UNet
 
 __all__ = ["CIFAR10", "PARAMS", "jittered", "diffusers_unet", "Eps", "seconds", "machine"]
@@ -35,7 +35,7 @@ def jittered(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def diffusers_unet(ours: UNet):
-    """UNet2DModel with the layout of `ours` (the config diffusion.pretrained exports, google/ddpm-* settings)."""
+    """UNet2DModel with the layout of `ours` (the config diffusion.io.export writes, google/ddpm-* settings)."""
     from diffusers import UNet2DModel  # a benchmark-only dependency: pip install -e ".[test]"
 
     return UNet2DModel(**{k: v for k, v in diffusers_config(ours).items() if not k.startswith("_")})

@@ -7,6 +7,10 @@ Notation (code -> paper):
     x0_from_eps        x0  = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)   (DDIM eq. 9)
     eps_from_x0        eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t)
     half_log_snr       lambda_t = log(alpha_t / sigma_t) = log(alpha_bar_t / (1 - alpha_bar_t)) / 2   (DPM-Solver)
+    v                  v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022), alpha = sqrt(alpha_bar), sigma = sqrt(1 - ...)
+    eps_of, x0_of      a network's output for a prediction target (eps, x0 or v) -> eps and x0:
+                         eps: x0 as above;  x0: eps as above;  v: x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v
+    rescale_zero_terminal_snr  Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) shifted to 0 at T-1, rescaled to keep t = 0
     posterior          q(x_s | x_t, x0) for any s < t (eq. 6-7; s = t-1 is DDPM's, s < t-1 is a respaced step)
 
 The conversions take alpha_bar as a float or as a tensor that broadcasts against x: every sampler, loss and wrapper
@@ -27,7 +31,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["Schedule", "linear", "cosine", "quadratic", "sigmoid", "SCHEDULES", "extract", "x_at", "x0_from_eps",
-           "eps_from_x0", "half_log_snr"]  # fmt: skip
+           "eps_from_x0", "half_log_snr", "PREDICTIONS", "target", "eps_of", "x0_of",
+           "rescale_zero_terminal_snr"]  # fmt: skip
+
+PREDICTIONS = ("eps", "x0", "v")  # what a network may predict: the noise, the clean image, or v (Salimans & Ho 2022)
 
 
 def extract(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
@@ -57,10 +64,56 @@ def eps_from_x0(x: Tensor, x0: Tensor, abar: Level) -> Tensor:
 
 def half_log_snr(abar: Level) -> Level:
     """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2, accurate where abar is near 0 or 1; a float for a
-    float (the samplers' per-step coefficients), a tensor for a tensor."""
+    float (the samplers' per-step coefficients), a tensor for a tensor; -inf at abar = 0 (zero terminal SNR)."""
     if isinstance(abar, Tensor):
         return 0.5 * (abar.log() - (-abar).log1p())
-    return 0.5 * (math.log(abar) - math.log1p(-abar))
+    return -math.inf if abar == 0 else 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+# -------------------------------------------------------------------- prediction targets
+def target(prediction: str, x0: Tensor, eps: Tensor, abar: Level) -> Tensor:
+    """What a network predicting `prediction` is trained to output for x_t = x_at(x0, eps, abar)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return abar**0.5 * eps - (1 - abar) ** 0.5 * x0
+    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+def eps_of(prediction: str, out: Tensor, x: Tensor, abar: Level) -> Tensor:
+    """The eps that a network's output `out` for `prediction` implies at x_t = x (exact for v at every abar)."""
+    if prediction == "eps":
+        return out
+    if prediction == "x0":
+        return eps_from_x0(x, out, abar)
+    if prediction == "v":
+        return (1 - abar) ** 0.5 * x + abar**0.5 * out
+    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+def x0_of(prediction: str, out: Tensor, x: Tensor, abar: Level) -> Tensor:
+    """The x0 that a network's output `out` for `prediction` implies at x_t = x: for v also at abar = 0 (x0 = -v),
+    where an eps-prediction says nothing about x0 (0 / 0)."""
+    if prediction == "eps":
+        return x0_from_eps(x, out, abar)
+    if prediction == "x0":
+        return out
+    if prediction == "v":
+        return abar**0.5 * x - (1 - abar) ** 0.5 * out
+    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024 (Algorithm 1): betas whose alpha_bar is exactly 0 at T-1 (pure noise, as sampling assumes),
+    sqrt(alpha_bar) shifted down by its last value and scaled to keep its first; the last beta becomes 1."""
+    root = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,8 +128,9 @@ class Schedule:
         betas = torch.as_tensor(self.betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("every beta must lie in (0, 1)")
+        if not bool(((betas > 0) & (betas < 1)).all()) and not (bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all())
+                                                               and float(betas[-1]) == 1.0):  # fmt: skip
+            raise ValueError("every beta must lie in (0, 1), but the last, which is 1 under zero terminal SNR")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
@@ -86,6 +140,11 @@ class Schedule:
     @property
     def T(self) -> int:
         return len(self.betas)
+
+    @property
+    def zero_terminal(self) -> bool:
+        """alpha_bar is exactly 0 at T-1 (Lin et al. 2024): x_{T-1} holds no signal, eps-prediction is undefined."""
+        return float(self.alphas_cumprod[-1]) == 0.0
 
     def to(self, device: torch.device | str) -> Schedule:
         """The same schedule with its tensors on `device` (still float64), for gathers inside a training step."""
@@ -125,13 +184,15 @@ class Schedule:
 
 
 # -------------------------------------------------------------------- the schedules
-def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+def linear(
+    T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, zero_terminal_snr: bool = False
+) -> Schedule:
     """Ho et al. 2020: betas linear from 1e-4 to 0.02 (given for T = 1000; scaled values are the user's call)."""
     _check_T(T)
-    return Schedule(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear")
+    return _made(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear", zero_terminal_snr)
 
 
-def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999, zero_terminal_snr: bool = False) -> Schedule:
     """Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas clipped at 0.999."""
     _check_T(T)
 
@@ -141,21 +202,23 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule
     i = torch.arange(T + 1, dtype=torch.float64)
     abar = f(i) / f(torch.zeros((), dtype=torch.float64))
     betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-    return Schedule(betas, "cosine")
+    return _made(betas, "cosine", zero_terminal_snr)
 
 
-def quadratic(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+def quadratic(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+              zero_terminal_snr: bool = False) -> Schedule:  # fmt: skip
     """The DDIM code's "quad" schedule: sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
     _check_T(T)
     root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64)
-    return Schedule(root**2, "quadratic")
+    return _made(root**2, "quadratic", zero_terminal_snr)
 
 
-def sigmoid(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+def sigmoid(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+            zero_terminal_snr: bool = False) -> Schedule:  # fmt: skip
     """Betas on a sigmoid over [-6, 6] between beta_start and beta_end (GeoDiff, Xu et al. 2022)."""
     _check_T(T)
     ramp = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
-    return Schedule(ramp * (beta_end - beta_start) + beta_start, "sigmoid")
+    return _made(ramp * (beta_end - beta_start) + beta_start, "sigmoid", zero_terminal_snr)
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
@@ -164,6 +227,17 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "quadratic": quadratic,
     "sigmoid": sigmoid,
 }
+
+
+def _made(betas: Tensor, name: str, zero_terminal: bool) -> Schedule:
+    """The schedule of `betas`, rescaled to zero terminal SNR if asked (its name says so)."""
+    if not isinstance(zero_terminal, bool):
+        raise ValueError(f"zero_terminal_snr must be true or false, got {zero_terminal!r}")
+    return (
+        Schedule(rescale_zero_terminal_snr(betas), f"{name}, zero terminal SNR")
+        if zero_terminal
+        else Schedule(betas, name)
+    )
 
 
 def _check_T(T: int) -> None:

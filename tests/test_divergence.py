@@ -24,9 +24,9 @@ def run(tmp: Path, *overrides: str):
 def nan_at(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None) -> None:
     """Make the training loss NaN at the given training calls (counted from 1); validation is not counted."""
     calls = [0]
-    loss = training.eps_loss
+    loss = training.diffusion_loss
 
-    def eps_loss(*args, **kwargs):
+    def diffusion_loss(*args, **kwargs):
         value = loss(*args, **kwargs)
         if not torch.is_grad_enabled():  # validation
             return value
@@ -34,7 +34,7 @@ def nan_at(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None
         bad = calls[0] in (bad_calls or set()) or (from_call is not None and calls[0] >= from_call)
         return value * float("nan") if bad else value
 
-    monkeypatch.setattr(training, "eps_loss", eps_loss)
+    monkeypatch.setattr(training, "diffusion_loss", diffusion_loss)
 
 
 def state(module: DiffusionModule) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.mixture_testbed import load_checkpoint
 from diffusion.errors import UsageError
-from diffusion.io import checkpoints, pretrained
+from diffusion.io import checkpoints, export
 from sample import sample
 from train import train
 
@@ -89,7 +89,7 @@ def real(tmp_path_factory):
         mp.setenv("WANDB_DIR", str(root))
         train(compose_config("train", [*TINY, "logger=wandb"], root / "run"))
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
-    pretrained.export_checkpoint(ckpt, root / "folder")
+    export.export_checkpoint(ckpt, root / "folder")
     return ckpt, root / "folder", checkpoints.load(ckpt)
 
 
@@ -156,7 +156,7 @@ def _readers(tmp: Path):
         "sample.py fid=true": reading(sample, fid_cfg, "ckpt"),
         "train.py resume=": reading(train, resume_cfg, "resume"),
         "train.py teacher=": reading(train, teacher_cfg, "teacher"),
-        "pretrained export": lambda path: pretrained.export_checkpoint(path, tmp / "exported"),
+        "pretrained export": lambda path: export.export_checkpoint(path, tmp / "exported"),
         "benchmarks' loader": lambda path: load_checkpoint(str(path), "cpu"),
     }
 

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from diffusion.io import checkpoints
+from diffusion.schedule import linear
 from diffusion.training.module import DiffusionModule, ema_update
 from diffusion.training.strategies import FSDP, shard_unets, torch_shards_right
 from diffusion.unet import ResBlock, UNet
@@ -153,7 +154,7 @@ def test_sharded_run_checkpoints_whole_weights_resumes_and_matches_ddp(tmp_path)
 def tiny_module() -> DiffusionModule:
     net = UNet(in_channels=3, out_channels=3, resolution=16, ch=16, ch_mult=(1, 1, 1), num_res_blocks=1,
                attn_resolutions=(16,), dropout=0.0, norm_groups=8)  # fmt: skip
-    return DiffusionModule(net, schedule=None, optimizer=torch.optim.Adam)
+    return DiffusionModule(net, schedule=linear(100), optimizer=torch.optim.Adam)
 
 
 @needs_fsdp_torch

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from diffusion.errors import UsageError
-from diffusion.io import pretrained
+from diffusion.io import export, pretrained
 from diffusion.schedule import Schedule, cosine, linear, quadratic, sigmoid
 from diffusion.training.module import DiffusionModule
 from diffusion.unet import Attention, UNet
@@ -135,7 +135,7 @@ def test_pipeline_folder_legacy_attention_names_and_pickle_free_bin(tmp_path):
 
 def test_export_round_trips_through_our_unet_and_diffusers(tmp_path):
     ours, schedule = perturbed(UNet(**OURS)), cosine(1000)
-    pretrained.export(ours, schedule, tmp_path)
+    export.export(ours, schedule, tmp_path)
     again, schedule_again = pretrained.load(tmp_path)
     assert again.state_dict().keys() == ours.state_dict().keys()
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
@@ -164,7 +164,7 @@ def test_export_round_trips_through_our_unet_and_diffusers(tmp_path):
     ],
 )
 def test_exported_schedule_round_trips_and_reads_the_same_in_diffusers(schedule, name):
-    written = json.loads(json.dumps(pretrained.scheduler_config(schedule)))
+    written = json.loads(json.dumps(export.scheduler_config(schedule)))
     assert written["beta_schedule" if name else "trained_betas"] == (name or schedule.betas.tolist())
     torch.testing.assert_close(pretrained.schedule_from_config(written).betas, schedule.betas, rtol=1e-12, atol=0)
     reference = DDPMScheduler.from_config(written)
@@ -273,9 +273,9 @@ def test_a_folder_that_asks_for_more_than_its_weights_is_refused_before_allocati
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"prediction_type": "v_prediction"}, r"prediction_type='v_prediction' is not supported.*'epsilon'"),
+        ({"prediction_type": "flow_prediction"}, r"prediction_type='flow_prediction' is not supported; ours: epsilon"),
         ({"beta_schedule": "laplace"}, r"beta_schedule='laplace' is not supported; choose one of linear, scaled_l"),
-        ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr=true is not supported"),
+        ({"rescale_betas_zero_snr": "yes"}, r"rescale_betas_zero_snr='yes' is not true or false"),
         ({"_class_name": "EulerDiscreteScheduler"}, r"_class_name='EulerDiscreteScheduler' is not supported"),
         ({"trained_betas": [0.1, 0.2]}, r"trained_betas has 2 values but num_train_timesteps=1000"),
     ],
@@ -319,14 +319,14 @@ def test_export_command_writes_a_checkpoints_ema_weights(tmp_path, capsys):
     torch.save({"state_dict": module.state_dict(), "config": config}, tmp_path / "last.ckpt")
 
     for flags, source in [([], module.ema), (["--raw"], module.model)]:
-        pretrained.main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "out"), *flags])
+        export.main([str(tmp_path / "last.ckpt"), str(tmp_path / "out"), *flags])
         assert "weights of" in capsys.readouterr().out
         model, schedule = pretrained.load(tmp_path / "out")
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
         assert torch.equal(schedule.betas, cosine(100).betas)
 
     with pytest.raises(SystemExit) as exit_info:
-        pretrained.main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
+        export.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: no checkpoint at") and err.count("\n") == 1
     assert "missing.ckpt" in err

@@ -65,9 +65,9 @@ def test_deepcache_with_interval_one_is_the_plain_model(ckpt, tmp_path):
 
 def test_a_pretrained_folder_samples_like_its_checkpoint(ckpt, tmp_path):
     """Export the EMA weights to a diffusers folder, sample from it: the same images as from the checkpoint."""
-    from diffusion.io import pretrained
+    from diffusion.io import export
 
-    pretrained.export_checkpoint(ckpt, tmp_path / "folder")
+    export.export_checkpoint(ckpt, tmp_path / "folder")
     direct = draw(tmp_path / "direct", ckpt, "steps=4")
     cfg = compose_config("sample", [f"pretrained={tmp_path / 'folder'}", "logger=none", "n_samples=6", "steps=4"],
                          tmp_path / "from-folder")  # fmt: skip
@@ -219,9 +219,9 @@ def test_analytic_dpm_computes_gamma_once_beside_the_checkpoint_and_reuses_it(ck
 
 
 def test_analytic_dpm_on_a_pretrained_folder_needs_the_data_named(ckpt, tmp_path):
-    from diffusion.io import pretrained
+    from diffusion.io import export
 
-    folder = pretrained.export_checkpoint(ckpt, tmp_path / "folder")
+    folder = export.export_checkpoint(ckpt, tmp_path / "folder")
     common = [f"pretrained={folder}", "logger=none", "n_samples=2", "steps=5", "sampler=analytic_ddpm", "gamma_M=2"]
     with pytest.raises(UsageError, match="does not name its dataset.*data=cifar10"):
         sample(compose_config("sample", common, tmp_path / "no-data"))

@@ -23,7 +23,7 @@ from benchmarks.mixture_testbed import load_checkpoint
 from diffusion.errors import UsageError
 from diffusion.evaluation import fid as metrics
 from diffusion.images import save_npz
-from diffusion.io import checkpoints, pretrained, registry
+from diffusion.io import checkpoints, export, registry
 from diffusion.unet import UNet
 
 from .conftest import CONF, TINY_RUN, compose_config
@@ -166,7 +166,7 @@ def test_pretrained_export_refuses_and_runs_nothing(name, tmp_path, capsys):
     config, key, _ = attacks(marker, "model")[name]
     path = save(tmp_path / "evil.ckpt", model=config)
     with pytest.raises(SystemExit) as stop:
-        pretrained.main(["export", str(path), str(tmp_path / "out")])
+        export.main([str(path), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
     assert f"model.{key}" in err, err

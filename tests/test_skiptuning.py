@@ -221,9 +221,9 @@ def test_the_config_builds_the_wrapper(unet, tmp_path):
 @pytest.fixture(scope="module")
 def folder(unet, tmp_path_factory):
     """The tiny UNet as a `pretrained=` diffusers folder (pretrained.load gives back our UNet class)."""
-    from diffusion.io import pretrained
+    from diffusion.io import export
 
-    return pretrained.export(unet, SCHED, tmp_path_factory.mktemp("folder"))
+    return export.export(unet, SCHED, tmp_path_factory.mktemp("folder"))
 
 
 def draw(tmp_path, folder, *overrides: str) -> np.ndarray:

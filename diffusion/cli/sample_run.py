@@ -22,6 +22,7 @@ from ..images import grid, save_npz, save_png
 from ..io import checkpoints, gamma_cache, pretrained
 from ..sampling.consistency import ConsistencyModel, consistency_sampling
 from ..sampling.generate import PRECISIONS, Autocast, generate
+from ..wrappers import prediction
 from . import loggers
 
 __all__ = ["load", "plan", "prepare", "with_gamma", "wrap", "draw", "write", "describe", "newest_checkpoint"]
@@ -103,7 +104,8 @@ def plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
     if getattr(sampler, "func", None) is consistency_sampling and not isinstance(model, ConsistencyModel):
         raise UsageError(f"sampler=consistency samples consistency models (train.py experiment=cd, ct or pcm), and "
                          f"{source} is a diffusion model: use sampler=ddim, dpm_solver, unipc, ...")  # fmt: skip
-    spacing = cfg.spacing or timesteps.paper_spacing(sampler)[0]
+    # the sampler's own spacing, its paper's; from T-1 (trailing, Lin et al. 2024) where T-1 is pure noise
+    spacing = cfg.spacing or ("trailing" if schedule.zero_terminal else timesteps.paper_spacing(sampler)[0])
     try:  # with a zero Gamma for Analytic-DPM, whose optimal trajectory needs the real one
         check = sampler
         if gamma_cache.takes_gamma(sampler):
@@ -117,16 +119,18 @@ def plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
 
 
 def wrap(cfg: DictConfig, model, ts):
-    """The network the sampler calls: Skip-Tuning and DeepCache around the model (their own checks as UsageErrors,
-    naming the group), under autocast for bf16 / fp16."""
-    group = "skip"
+    """The network the sampler calls: Skip-Tuning and DeepCache around the UNet (their own checks as UsageErrors,
+    naming the group), under autocast for bf16 / fp16, and outermost what the network predicts (x0 or v as eps,
+    whose arithmetic stays fp32)."""
+    group, net = "skip", prediction.inner(model)
     try:
-        net = instantiate(cfg.skip)(model) if cfg.skip else model
+        net = instantiate(cfg.skip)(net) if cfg.skip else net
         group = "cache"
         net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
     except ValueError as error:
         raise UsageError(f"{group} options: {error}") from error
-    return Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
+    net = Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
+    return prediction.around(model, net)
 
 
 def load(cfg: DictConfig, device: torch.device):
@@ -157,11 +161,14 @@ def nonfinite_message(cfg: DictConfig, n: int) -> str:
 
 
 def describe(cfg: DictConfig, spacing: str) -> str:
+    """e.g. "dpm_solver, 20 logsnr steps (the sampler's own: the DPM-Solver code's logSNR grid; spacing= to choose)"."""
     name = cfg.sampler._target_.rsplit(".", 1)[-1]
     skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
-    whose = timesteps.PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))[1]
-    own = "" if cfg.spacing else f" (the sampler's own: {whose}; spacing= to choose)"
+    whose = timesteps.PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))
+    if spacing != whose[0]:  # zero terminal SNR: trailing for every sampler
+        whose = (spacing, "from T-1, pure noise under zero terminal SNR (Lin et al. 2024)")
+    own = "" if cfg.spacing else f" (the sampler's own: {whose[1]}; spacing= to choose)"
     return f"{name}{skip}{cache}, {cfg.steps} {spacing} steps{own}"
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..sampling.analytic import check_gamma, cov_bound, reverse_variance
-from ..sampling.core import Generator, Model, ddim_step, predict_x0, randn_like, steps, t_batch
+from ..sampling.core import Generator, Model, ddim_step, denoise, randn_like, steps, t_batch
 from ..schedule import Schedule, x_at
 
 __all__ = ["nll_bound", "VARIANCES", "DECODERS"]
@@ -68,10 +68,10 @@ def nll_bound(
     for t, s, abar_t, abar_s in trajectory:
         noise = randn_like(x0, generator)
         x = x_at(x0, noise, abar_t)
-        eps = model(x.to(torch.get_default_dtype()), t_batch(x, t)).double()
+        eps, x0_p = (v.double() for v in denoise(model, x.to(torch.get_default_dtype()), t_batch(x, t), abar_t))
         if s >= 0:
-            mean_q = ddim_step(x, noise, abar_t, abar_s, eta=1.0, std=0.0)  # the posterior mean at the true x0
-            mean_p = ddim_step(x, eps, abar_t, abar_s, eta=1.0, std=0.0, clip=clip)
+            mean_q = ddim_step(x, noise, abar_t, abar_s, eta=1.0, std=0.0, x0=x0)  # the posterior mean at the true x0
+            mean_p = ddim_step(x, eps, abar_t, abar_s, eta=1.0, std=0.0, clip=clip, x0=x0_p)
             lam2 = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
             if variance == "analytic":
                 sigma2, _ = reverse_variance(abar_t, abar_s, g[t], bound=bound)
@@ -80,7 +80,7 @@ def nll_bound(
             kl = 0.5 * ((lam2 + (mean_q - mean_p) ** 2) / sigma2 - 1 + math.log(sigma2 / lam2))
             nats = nats + kl.flatten(1).sum(1)
         else:
-            mean = predict_x0(x, eps, abar_t, clip)
+            mean = x0_p.clamp(-1, 1) if clip else x0_p
             nats = nats - _decoder_log_likelihood(x0, mean, _decoder_variance(variance, t, abar, g, bound), decoder)
     return nats / (x0[0].numel() * math.log(2))
 

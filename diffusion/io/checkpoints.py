@@ -16,7 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from ..errors import UsageError
+from ..schedule import PREDICTIONS
 from ..weights import check_state
+from ..wrappers.prediction import Prediction
 from . import registry
 
 __all__ = ["AtomicCheckpointIO", "Checkpoints", "CheckpointError", "load", "load_model", "check_resumable",
@@ -195,7 +197,8 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
     sampler=consistency).
 
     Returns (model, schedule). Both are built through diffusion.io.registry: the config may only name this project's
-    own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else. The network is
+    own UNet and schedules, with plain arguments, so a crafted checkpoint cannot call anything else. A network that
+    predicts x0 or v (module.prediction) comes wrapped as an eps-model (diffusion.wrappers.prediction). The network is
     built on the meta device and checked against the weights before any memory is taken, so a config that asks for
     a network the weights do not hold (a width of 200,000) is refused instead of allocated.
     """
@@ -218,11 +221,25 @@ def load_model(checkpoint: dict[str, Any], *, use_ema: bool = True, device: str 
     check_state(expected, state, f"the checkpoint's {prefix[:-1]} weights", "its model config")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     model, schedule = model.to(device).eval().requires_grad_(False), schedule.to(device)
+    prediction = _prediction(config)
+    if prediction != "eps":  # a network that predicts x0 or v, as the eps-model every sampler takes
+        model = Prediction(model, schedule, prediction)
     if config.get("consistency") is not None:  # a CD / CT / PCM student: f as an eps-model (any sampler can run it)
         from ..sampling.consistency import ConsistencyModel
 
         return ConsistencyModel(model, schedule, _phases(config["consistency"])).to(device), schedule
     return model, schedule
+
+
+def _prediction(config: dict) -> str:
+    """What the checkpoint's network predicts (module.prediction; eps for checkpoints written before the option)."""
+    module = config.get("module") or {}
+    prediction = module.get("prediction", "eps") if isinstance(module, dict) else None
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(
+            f"the checkpoint's module.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}"
+        )
+    return prediction
 
 
 # What Lightning needs to continue a run, beside the weights: without `loops` it would start again at step 0.

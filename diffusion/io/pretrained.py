@@ -13,29 +13,29 @@ google/ddpm-* repositories are today). Names, ours -> diffusers (level i of L; t
     up.i.*                   up_blocks.(L-1-i).*            (resample -> upsamplers.0)
     norm_out                 conv_norm_out
 
-    python -m diffusion.io.pretrained export outputs/.../last.ckpt DIR    # our EMA weights -> a diffusers folder
+The other way, our checkpoints to diffusers folders, is diffusion.io.export.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..errors import UsageError, reported
+from ..errors import UsageError
 from ..plain import check_file_data
-from ..schedule import Schedule, cosine, linear, quadratic, sigmoid
-from ..unet import NORM_EPS, Attention, UNet
+from ..schedule import Schedule, cosine, linear, quadratic, rescale_zero_terminal_snr, sigmoid
+from ..unet import NORM_EPS, UNet
 from ..weights import check_state
+from ..wrappers.prediction import Prediction
 
-__all__ = ["load", "unet_from_config", "schedule_from_config", "to_diffusers", "diffusers_config", "scheduler_config",
-           "export", "export_checkpoint"]  # fmt: skip
+__all__ = ["load", "unet_from_config", "schedule_from_config", "prediction_from_config", "to_diffusers",
+           "PREDICTION_TYPES"]  # fmt: skip
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 MAX_JSON_BYTES = 1 << 20  # config.json and scheduler_config.json are a few KB (trained_betas: ~20 KB)
@@ -79,6 +79,7 @@ TYPES = {
     "up_block_types": (list, "a list of block names"),
 }  # fmt: skip
 ITEM_TYPES = {"sample_size": int, "block_out_channels": int, "down_block_types": str, "up_block_types": str}
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # diffusers' prediction_type -> ours
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "GaussianDDPMScheduler")  # the last: legacy name
 # diffusers' beta_schedule -> ours; each is the same formula (tests/test_pretrained.py checks them against diffusers)
 BETA_SCHEDULES = {"linear": linear, "scaled_linear": quadratic, "squaredcos_cap_v2": cosine, "sigmoid": sigmoid}
@@ -136,8 +137,9 @@ def _from_diffusers(theirs: dict[str, Tensor], model: UNet, source: Path) -> dic
 # ---------------------------------------------------------------- import
 
 
-def load(folder: str | Path) -> tuple[UNet, Schedule]:
-    """Our UNet (eval mode, float32, CPU) with a diffusers folder's weights, and the schedule it was trained with."""
+def load(folder: str | Path) -> tuple[UNet | Prediction, Schedule]:
+    """Our UNet (eval mode, float32, CPU) with a diffusers folder's weights, and the schedule it was trained with; a
+    network that predicts x0 or v (prediction_type sample, v_prediction) comes wrapped as an eps-model."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"no diffusers model folder at {folder}: {HOW_TO_GET}")
@@ -158,7 +160,10 @@ def load(folder: str | Path) -> tuple[UNet, Schedule]:
     check_state(expected, state, f"the weights in {unet_dir}", str(config))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     schedule_path = scheduler / "scheduler_config.json"
-    return model.eval(), schedule_from_config(_read_json(schedule_path), where=schedule_path)
+    scheduler_cfg = _read_json(schedule_path)
+    schedule, predicts = schedule_from_config(scheduler_cfg, schedule_path), prediction_from_config(scheduler_cfg)
+    model = model.eval()
+    return (model if predicts == "eps" else Prediction(model, schedule, predicts)), schedule
 
 
 def unet_from_config(config: dict, where: str | Path = "config.json") -> UNet:
@@ -229,31 +234,41 @@ def _require(ok: object, where: str | Path, what: str) -> None:
 
 
 def schedule_from_config(config: dict, where: str | Path = "scheduler_config.json") -> Schedule:
-    """The float64 beta schedule of a diffusers DDPM/DDIM/PNDM scheduler config (eps-prediction only)."""
+    """The float64 beta schedule of a diffusers DDPM/DDIM/PNDM scheduler config, rescaled to zero terminal SNR where
+    it says rescale_betas_zero_snr (the same Lin et al. algorithm as diffusers')."""
     name = config.get("_class_name", "DDPMScheduler")
     if name not in SCHEDULERS:
         raise UsageError(f"{where}: _class_name={name!r} is not supported; use a config of {', '.join(SCHEDULERS[:3])}")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise UsageError(f"{where}: prediction_type={prediction!r} is not supported: our samplers need a model "
-                         "that predicts the noise (prediction_type 'epsilon')")  # fmt: skip
-    if config.get("rescale_betas_zero_snr"):
-        raise UsageError(f"{where}: rescale_betas_zero_snr=true is not supported (it makes the last beta 1)")
+    prediction_from_config(config, where)  # an unknown prediction_type is refused before the weights are read
+    zero_snr = config.get("rescale_betas_zero_snr", False)
+    if not isinstance(zero_snr, bool):
+        raise UsageError(f"{where}: rescale_betas_zero_snr={zero_snr!r} is not true or false")
     T = config.get("num_train_timesteps", config.get("timesteps", 1000))  # `timesteps`: the 2022 key
     try:
         betas = config.get("trained_betas")
         if betas is not None:
             if len(betas) != T:
                 raise ValueError(f"trained_betas has {len(betas)} values but num_train_timesteps={T}")
-            return Schedule(torch.tensor(betas, dtype=torch.float64))
+            betas = torch.tensor(betas, dtype=torch.float64)
+            return Schedule(rescale_zero_terminal_snr(betas) if zero_snr else betas)
         kind = config.get("beta_schedule", "linear")
         if kind not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule={kind!r} is not supported; choose one of {', '.join(BETA_SCHEDULES)}")
         if kind == "squaredcos_cap_v2":  # diffusers: s = 0.008 and max_beta = 0.999, ours by default
-            return cosine(T)
-        return BETA_SCHEDULES[kind](T, config.get("beta_start", 1e-4), config.get("beta_end", 0.02))
+            return cosine(T, zero_terminal_snr=zero_snr)
+        start, end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+        return BETA_SCHEDULES[kind](T, start, end, zero_terminal_snr=zero_snr)
     except (ValueError, TypeError) as error:
         raise UsageError(f"{where}: {error}") from None
+
+
+def prediction_from_config(config: dict, where: str | Path = "scheduler_config.json") -> str:
+    """What the folder's network predicts, ours named (eps, x0, v), from the scheduler config's prediction_type."""
+    theirs = config.get("prediction_type", "epsilon")
+    if theirs not in PREDICTION_TYPES:
+        raise UsageError(f"{where}: prediction_type={theirs!r} is not supported; ours: "
+                         f"{', '.join(PREDICTION_TYPES)}")  # fmt: skip
+    return PREDICTION_TYPES[theirs]
 
 
 def _read_json(path: Path) -> dict:
@@ -294,83 +309,3 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UsageError(f"{legacy} is not a state dict of tensors")
     return state
-
-
-# ---------------------------------------------------------------- export
-
-
-def diffusers_config(model: UNet) -> dict:
-    """The UNet2DModel config that rebuilds `model` exactly."""
-    attn = ["Attn" if isinstance(level.attn[0], Attention) else "" for level in model.down]
-    down = [f"{a}DownBlock2D" for a in attn]
-    fixed = {key: accepted[0] for key, (_, accepted, _) in FIXED.items()}
-    return {
-        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **fixed,
-        "sample_size": model.resolution, "in_channels": model.in_channels,
-        "out_channels": model.conv_out.out_channels,
-        "block_out_channels": [level.res[0].conv2.out_channels for level in model.down],
-        "down_block_types": down, "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        "layers_per_block": model.num_res_blocks, "dropout": model.down[0].res[0].dropout.p,
-        "attention_head_dim": None, "norm_num_groups": model.norm_out.num_groups, "attn_norm_num_groups": None,
-        "time_embedding_dim": None,
-    }  # fmt: skip
-
-
-def scheduler_config(schedule: Schedule) -> dict:
-    """A DDPMScheduler config with `schedule`'s betas: by name where one of diffusers' formulas gives them (to
-    1e-12), else listed as trained_betas."""
-    T, betas = schedule.T, schedule.betas.cpu()
-    first, last = betas[0].item(), betas[-1].item()
-    candidates = [
-        ("linear", first, last, linear(T, first, last)),
-        ("scaled_linear", first, last, quadratic(T, first, last)),
-        ("squaredcos_cap_v2", 1e-4, 0.02, cosine(T)),  # beta_start and beta_end are unused
-        ("sigmoid", 1e-4, 0.02, sigmoid(T)),
-    ]
-    base = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": T,
-            "prediction_type": "epsilon", "variance_type": "fixed_small", "clip_sample": True}  # fmt: skip
-    for kind, start, end, named in candidates:
-        if torch.allclose(named.betas, betas, rtol=1e-12, atol=0):
-            return {**base, "beta_schedule": kind, "beta_start": start, "beta_end": end, "trained_betas": None}
-    return {**base, "beta_schedule": "linear", "beta_start": first, "beta_end": last, "trained_betas": betas.tolist()}
-
-
-def export(model: UNet, schedule: Schedule, folder: str | Path) -> Path:
-    """Write `model` and `schedule` as a diffusers folder: config.json, the safetensors weights and
-    scheduler_config.json (UNet2DModel.from_pretrained and DDPMScheduler.from_pretrained read it)."""
-    if not isinstance(model, UNet):
-        raise UsageError(f"only diffusion.unet.UNet exports to UNet2DModel, got {type(model).__name__}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in to_diffusers(model.state_dict(), model.num_levels).items()}
-    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(diffusers_config(model), indent=2, sort_keys=True) + "\n")
-    (folder / "scheduler_config.json").write_text(json.dumps(scheduler_config(schedule), indent=2) + "\n")
-    return folder
-
-
-def export_checkpoint(ckpt_path: str | Path, folder: str | Path, use_ema: bool = True) -> Path:
-    """Export one of our training checkpoints (its EMA weights, or the raw ones) as a diffusers folder."""
-    from . import checkpoints  # Lightning: only needed here; it builds through diffusion.io.registry
-
-    if not Path(ckpt_path).is_file():
-        raise UsageError(f"no checkpoint at {ckpt_path}: give a .ckpt written by train.py (outputs/.../last.ckpt)")
-    model, schedule = checkpoints.load_model(checkpoints.load(ckpt_path), use_ema=use_ema)
-    return export(model, schedule, folder)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.io.pretrained", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("export", help="write a checkpoint of train.py as a diffusers folder")
-    cmd.add_argument("ckpt", help="a .ckpt written by train.py")
-    cmd.add_argument("folder", help="the folder to write (created if needed)")
-    cmd.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
-    args = parser.parse_args(argv)
-    with reported(ValueError, OSError):  # also a folder it cannot write
-        folder = export_checkpoint(args.ckpt, args.folder, use_ema=not args.raw)
-    print(f"wrote {'raw' if args.raw else 'EMA'} weights of {args.ckpt} to {folder} (diffusers UNet2DModel format)")
-
-
-if __name__ == "__main__":
-    main()

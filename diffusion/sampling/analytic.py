@@ -29,7 +29,7 @@ from .. import timesteps as spacings
 from ..errors import UsageError
 from ..schedule import Schedule, x_at
 from ..timesteps import check_start
-from .core import Generator, Model, ddim_step, steps, t_batch
+from .core import Generator, Model, ddim_step, denoise, steps, t_batch
 
 __all__ = ["analytic_ddpm", "analytic_ddim", "estimate_gamma", "data_variance", "check_gamma", "cov_bound",
            "reverse_variance", "step_kl", "optimal_trajectory", "cost_matrix", "timesteps_for"]  # fmt: skip
@@ -158,12 +158,16 @@ def _analytic(model, x, schedule, timesteps, generator, gamma, eta, clip, noise_
     last = trajectory[-1][0]  # the last visited timestep: the step onto it gets noise_cap
     cap = math.inf if noise_cap is None else (noise_cap * LEVEL * math.sqrt(math.pi / 2)) ** 2
     for t, s, abar_t, abar_s in trajectory:
-        eps = model(x, t_batch(x, t))
+        eps, x0 = denoise(model, x, t_batch(x, t), abar_t)
         if s < 0:  # the last step returns the mean (no noise), as DDPM's Algorithm 2 and the official code
-            return ddim_step(x, eps, abar_t, abar_s, eta=eta, std=0.0, clip=clip)
-        sigma2, _ = reverse_variance(abar_t, abar_s, gamma[t], eta, bound=bound)
+            return ddim_step(x, eps, abar_t, abar_s, eta=eta, std=0.0, clip=clip, x0=x0)
+        if abar_t == 0:  # pure noise (zero terminal SNR): x_t says nothing about x0, so Cov[x0 | x_t] is the data's
+            lam2 = eta**2 * (1 - abar_s)
+            sigma2 = lam2 + abar_s * bound
+        else:
+            sigma2, _ = reverse_variance(abar_t, abar_s, gamma[t], eta, bound=bound)
         std = math.sqrt(min(sigma2, cap) if s == last else sigma2)
-        x = ddim_step(x, eps, abar_t, abar_s, eta=eta, std=std, clip=clip, generator=generator)
+        x = ddim_step(x, eps, abar_t, abar_s, eta=eta, std=std, clip=clip, generator=generator, x0=x0)
     return x
 
 
@@ -285,4 +289,7 @@ def timesteps_for(spacing: str, steps: int, schedule: Schedule, gamma: Tensor | 
     if gamma is None:
         raise UsageError("spacing=analytic_optimal needs the model's Gamma: use it with sampler=analytic_ddpm or "
                          "sampler=analytic_ddim, which compute it")  # fmt: skip
+    if schedule.zero_terminal:
+        raise UsageError("spacing=analytic_optimal's costs divide by alpha_bar, which is 0 at T-1 under zero terminal "
+                         "SNR: use spacing=trailing (or even)")  # fmt: skip
     return optimal_trajectory(steps, schedule, gamma)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import timesteps
 from ..schedule import Schedule, half_log_snr, x_at
-from .core import Generator, Model, ddim_step, predict_x0, randn_like, steps, t_batch
+from .core import Generator, Model, ddim_step, denoise, randn_like, steps, t_batch
 
 __all__ = ["SIGMA_DATA", "TIME_SCALE", "boundary", "grid", "karras", "GRIDS", "make_grid", "phase_edges",
            "edge_below", "column", "log_ve", "ddim_to", "consistency", "ConsistencyModel",
@@ -113,8 +113,8 @@ def edge_below(t: Tensor, edges: Tensor) -> Tensor:
 def ddim_to(model: Model, schedule: Schedule, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
     """One DDIM (eta = 0) step of model(x, t) -> eps from t to s, per sample (t, s int64 [B]; s = -1: its x0): x_e of
     the consistency function, and CD's first-order teacher step."""
-    eps = model(x, t)
-    return x_at(predict_x0(x, eps, column(schedule.alpha_bar(t), x), False), eps, column(schedule.alpha_bar(s), x))
+    eps, x0 = denoise(model, x, t, column(schedule.alpha_bar(t), x))
+    return x_at(x0, eps, column(schedule.alpha_bar(s), x))
 
 
 def consistency(net: Model, schedule: Schedule, x: Tensor, t: Tensor, edge: Tensor | int = -1) -> Tensor:
@@ -189,11 +189,10 @@ def consistency_sampling(model: Model, x: Tensor, schedule: Schedule, timesteps:
             f"at {trajectory[0][0]}: use sampler.spacing=trailing (the default) or timesteps starting at T-1"
         )
     for t, s, abar_t, abar_s in trajectory:
-        eps = model(x, t_batch(x, t))
+        eps, x0 = denoise(model, x, t_batch(x, t), abar_t, clip)
         if not noise:  # DDIM eta = 0, the shared step
-            x = ddim_step(x, eps, abar_t, abar_s, clip=clip)
+            x = ddim_step(x, eps, abar_t, abar_s, x0=x0)
             continue
-        x0 = predict_x0(x, eps, abar_t, clip)
         x = x0 if s < 0 else x_at(x0, randn_like(x, generator), abar_s)
     return x
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from ..schedule import Schedule, eps_from_x0, half_log_snr, x0_from_eps
 from ..timesteps import check_start
 
-__all__ = ["Model", "NoiseSource", "Generator", "Step", "steps", "t_batch", "predict_x0", "ddim_step", "randn_like",
-           "half_log_snr"]  # fmt: skip
+__all__ = ["Model", "NoiseSource", "Generator", "Step", "steps", "t_batch", "denoise", "predict_x0", "ddim_step",
+           "randn_like", "half_log_snr"]  # fmt: skip
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Step = tuple[int, int, float, float]  # (t, s, abar_t, abar_s)
@@ -76,6 +76,22 @@ def t_batch(x: Tensor, t: int) -> Tensor:
     return torch.full((len(x),), t, dtype=torch.int64, device=x.device)
 
 
+def denoise(model: Model, x: Tensor, t: Tensor, abar_t: float | Tensor, clip: bool = False) -> tuple[Tensor, Tensor]:
+    """(eps, x0) of `model` at x_t = x, t int64 [B]: through the model's own `predict` where it has one (a network
+    that predicts x0 or v: diffusion.wrappers.prediction, exact also at alpha_bar = 0), else x0 from its eps. With
+    `clip`, x0 is clamped to [-1, 1] and eps made consistent with it. What a network predicts stays the wrapper's."""
+    predict = getattr(model, "predict", None)
+    if predict is not None:
+        eps, x0 = predict(x, t)
+    else:
+        eps = model(x, t)
+        x0 = x0_from_eps(x, eps, abar_t)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = eps_from_x0(x, x0, abar_t)
+    return eps, x0
+
+
 def predict_x0(x: Tensor, eps: Tensor, abar_t: float | Tensor, clip: bool = False) -> Tensor:
     """x0 = f_theta(x_t) (DDIM eq. 9), clamped to [-1, 1] if `clip`."""
     x0 = x0_from_eps(x, eps, abar_t)
@@ -100,17 +116,19 @@ def ddim_step(
     std: float | None = None,
     clip: bool = False,
     generator: Generator = None,
+    x0: Tensor | None = None,
 ) -> Tensor:
     """One DDIM update x_t -> x_s (Song et al. eq. 12), shared by DDIM, DDPM, PNDM's transfer, Analytic-DPM and
     consistency sampling.
 
     `std` replaces sigma(eta) as the std of the fresh noise while the mean keeps sigma(eta): DDPM's "beta"
     variance is the eta = 1 mean (the posterior mean) with noise of std sqrt(beta); Analytic-DPM's is its optimal
-    std.
+    std. `x0`: the model's own clean estimate (`denoise`), needed where alpha_bar_t = 0 (eq. 9 divides by it).
     """
-    # 1. the clean estimate x0 (eq. 9); after clipping, eps is made consistent with it
-    x0 = predict_x0(x, eps, abar_t, clip)
+    # 1. the clean estimate x0 (eq. 9, unless given); after clipping, eps is made consistent with it
+    x0 = predict_x0(x, eps, abar_t) if x0 is None else x0
     if clip:
+        x0 = x0.clamp(-1, 1)
         eps = eps_from_x0(x, x0, abar_t)
     # 2. the noise level sigma(eta) of eq. 16: eta = 1 is the posterior std between t and s (Ho et al. eq. 7)
     sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)) ** 0.5

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import Schedule
-from .core import Generator, Model, ddim_step, steps, t_batch
+from .core import Generator, Model, ddim_step, denoise, steps, t_batch
 
 __all__ = ["ddim"]
 
@@ -27,6 +27,6 @@ def ddim(
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     trajectory, _ = steps(schedule, timesteps)
     for t, _, abar_t, abar_s in trajectory:
-        eps = model(x, t_batch(x, t))
-        x = ddim_step(x, eps, abar_t, abar_s, eta=eta, clip=clip, generator=generator)
+        eps, x0 = denoise(model, x, t_batch(x, t), abar_t)
+        x = ddim_step(x, eps, abar_t, abar_s, eta=eta, clip=clip, generator=generator, x0=x0)
     return x

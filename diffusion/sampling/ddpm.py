@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import Schedule
-from .core import Generator, Model, ddim_step, steps, t_batch
+from .core import Generator, Model, ddim_step, denoise, steps, t_batch
 
 __all__ = ["ddpm"]
 
@@ -35,6 +35,6 @@ def ddpm(
     trajectory, _ = steps(schedule, timesteps)
     for t, s, abar_t, abar_s in trajectory:
         std = (1 - abar_t / abar_s) ** 0.5 if variance == "beta" and s >= 0 else None
-        eps = model(x, t_batch(x, t))
-        x = ddim_step(x, eps, abar_t, abar_s, eta=1.0, std=std, clip=clip, generator=generator)
+        eps, x0 = denoise(model, x, t_batch(x, t), abar_t)
+        x = ddim_step(x, eps, abar_t, abar_s, eta=1.0, std=std, clip=clip, generator=generator, x0=x0)
     return x

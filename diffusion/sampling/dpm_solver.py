@@ -21,8 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..schedule import Schedule, half_log_snr
-from .core import Generator, Model, predict_x0, steps, t_batch
+from ..schedule import Schedule, half_log_snr, x_at
+from .core import Generator, Model, denoise, steps, t_batch
 
 __all__ = ["dpm_solver", "dpm_solver_3m", "LOWER_ORDER_FINAL"]
 
@@ -63,9 +63,12 @@ def _dpm_solver_multistep(
     trajectory, _ = steps(schedule, timesteps)
     history: History = []
     for i, (t, s, abar_t, abar_s) in enumerate(trajectory):
-        x0 = predict_x0(x, model(x, t_batch(x, t)), abar_t, clip)
+        _, x0 = denoise(model, x, t_batch(x, t), abar_t, clip)
         if s < 0:
             return x0
+        if abar_t == 0:  # pure noise (zero terminal SNR), lambda = -inf: DDIM's step from the model's x0; no history
+            x = x_at(x0, x, abar_s)  # sigma_t = 1, so x_t is its own noise
+            continue
         lam_t = half_log_snr(abar_t)
         history = [*history[len(history) + 1 - order :], (lam_t, x0)]
         h = half_log_snr(abar_s) - lam_t

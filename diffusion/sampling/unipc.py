@@ -18,8 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..schedule import Schedule, half_log_snr
-from .core import Generator, Model, predict_x0, steps, t_batch
+from ..schedule import Schedule, half_log_snr, x_at
+from .core import Generator, Model, denoise, steps, t_batch
 
 __all__ = ["unipc"]
 
@@ -103,9 +103,12 @@ def unipc(
     history: History = []
     x_prev, abar_prev, p = x, 0.0, 1  # the last step's start and order, for its corrector
     for i, (t, s, abar_t, abar_s) in enumerate(trajectory):
-        m = predict_x0(x, model(x, t_batch(x, t)), abar_t, clip)
+        _, m = denoise(model, x, t_batch(x, t), abar_t, clip)
         if s < 0:
             return m
+        if abar_t == 0:  # pure noise (zero terminal SNR), lambda = -inf: DDIM's step from the model's x0, uncorrected
+            x = x_at(m, x, abar_s)  # sigma_t = 1, so x_t is its own noise
+            continue
         lam_t = half_log_snr(abar_t)
         if history:  # UniC: correct the last prediction with the model call just taken there (its x0 stays m)
             x = _unipc_update(x_prev, history, lam_t, abar_prev, abar_t, p, variant, m_s=m)

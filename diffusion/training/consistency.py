@@ -24,6 +24,7 @@ from ..errors import UsageError
 from ..io import registry
 from ..sampling import consistency as cm
 from ..schedule import Schedule
+from ..wrappers import prediction
 from . import losses
 from .module import DiffusionModule, ema_update
 
@@ -100,7 +101,7 @@ def adopt_teacher(cfg: DictConfig, explicit: Iterable[str] = ()) -> nn.Module | 
         from ..io import pretrained
 
         net, schedule = pretrained.load(path)
-        model_cfg, schedule_cfg = _unet_config(net), _schedule_config(schedule, path)
+        model_cfg, schedule_cfg = _unet_config(prediction.inner(net)), _schedule_config(schedule, path)
     else:
         from ..io import checkpoints
 
@@ -112,10 +113,12 @@ def adopt_teacher(cfg: DictConfig, explicit: Iterable[str] = ()) -> nn.Module | 
         model_cfg, schedule_cfg = saved["model"], saved["schedule"]
     registry.check("model", model_cfg, where=f"teacher {path} model")
     registry.check("schedule", schedule_cfg, where=f"teacher {path} schedule")
-    digest = _bind(cfg, net, path)
-    _check_against_teacher(cfg, model_cfg, schedule_cfg, net, path, explicit)
+    digest = _bind(cfg, prediction.inner(net), path)
+    predicts = net.prediction if isinstance(net, prediction.Prediction) else "eps"
+    _check_against_teacher(cfg, model_cfg, schedule_cfg, prediction.inner(net), path, explicit, predicts)
     with open_dict(cfg):
         cfg.model, cfg.schedule, cfg.teacher_digest = model_cfg, schedule_cfg, digest
+        cfg.module.prediction = predicts  # the student predicts what the teacher does: it starts as the teacher
     return net.eval().requires_grad_(False)
 
 
@@ -139,7 +142,7 @@ def _bind(cfg: DictConfig, net: nn.Module, path: Path) -> str:
 
 
 def _check_against_teacher(cfg: DictConfig, model_cfg: dict, schedule_cfg: dict, net: nn.Module, path: Path,
-                           explicit: Iterable[str]) -> None:  # fmt: skip
+                           explicit: Iterable[str], predicts: str = "eps") -> None:  # fmt: skip
     """UsageError naming what the command line or the data would change of the student, which is the teacher."""
     keys = [k for k in explicit if k.split(".")[0] in ("model", "schedule")]
     today = {"model": OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {},
@@ -152,6 +155,9 @@ def _check_against_teacher(cfg: DictConfig, model_cfg: dict, schedule_cfg: dict,
         theirs = OmegaConf.select(OmegaConf.create(teacher), key) if name else teacher[section]
         if ours != theirs:
             conflicts.append(f"{key}={_short(ours)} (the teacher's: {_short(theirs)})")
+    ours = cfg.module.get("prediction", "eps")
+    if any(k in ("module", "module.prediction") for k in explicit) and ours != predicts:
+        conflicts.append(f"module.prediction={ours} (the teacher predicts {predicts})")
     size, channels = cfg.data.get("image_size"), cfg.data.get("channels", 3)
     if size != net.resolution:
         conflicts.append(f"data.image_size={size} (the teacher takes {net.resolution}x{net.resolution} images)")
@@ -171,7 +177,8 @@ def _short(value: Any) -> str:
 
 
 def _unet_config(net: nn.Module) -> dict[str, Any]:
-    """The conf/model entry that rebuilds our UNet `net` (read back from its layers, as pretrained.diffusers_config)."""
+    """The conf/model entry that rebuilds our UNet `net` (read back from its layers, as diffusers_config does in
+    diffusion.io.export)."""
     from ..unet import Attention
 
     ch = net.ch
@@ -216,10 +223,15 @@ class ConsistencyModule(DiffusionModule):
                  **kwargs) -> None:  # fmt: skip
         options = dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1, grid=grid)
         check_options(options, schedule.T)
+        if schedule.zero_terminal:
+            raise UsageError(
+                "consistency models under zero terminal SNR are not supported: their eps form divides by "
+                "sqrt(alpha_bar), which is 0 at T-1; distil or train on the schedule without it"
+            )
         if (teacher is None) != (method == "ct"):
             raise UsageError("consistency distillation needs a teacher and training takes none (see adopt_teacher)")
         if teacher is not None:
-            model.load_state_dict(teacher.state_dict())  # the student starts as the teacher
+            model.load_state_dict(prediction.inner(teacher).state_dict())  # the student starts as the teacher
         super().__init__(model, schedule, optimizer, **kwargs)
         self.method, self.N, self.k, self.solver = method, N, k, solver
         self.mu, self.phases, self.s0, self.s1, self.grid = mu, phases, s0, s1, grid
@@ -245,11 +257,11 @@ class ConsistencyModule(DiffusionModule):
         return min(losses.ct_steps(self.global_step, total, self.s0, self.s1), self.schedule.T)
 
     def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        f = partial(cm.consistency, self.model, self.schedule)
+        f = partial(cm.consistency, self.eps_model(self.model), self.schedule)
         if self.method == "ct":
             return losses.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self._distance[0],
                                   grid=self.grid, generator=generator)  # fmt: skip
-        f_target = partial(cm.consistency, self.target, self.schedule)
+        f_target = partial(cm.consistency, self.eps_model(self.target), self.schedule)
         return losses.cd_loss(f, f_target, self._teacher[0], self.schedule, batch, N=self.N, k=self.k,
                               phases=self.phases, solver=self.solver, loss=self._distance[0], grid=self.grid,
                               generator=generator)  # fmt: skip
@@ -274,7 +286,7 @@ class ConsistencyModule(DiffusionModule):
     def sample(self, n: int, steps: int = 1, *, use_ema: bool = True, seed: int = 0) -> Tensor:
         """n images [n, C, H, W] in [-1, 1] from `steps`-step consistency sampling (PCM: deterministic, as sample.py
         would draw them from the checkpoint)."""
-        net = cm.ConsistencyModel(self.ema if use_ema else self.model, self.schedule, self.phases)
+        net = cm.ConsistencyModel(self.eps_model(self.ema if use_ema else self.model), self.schedule, self.phases)
         shape = self.config.get("image_shape") or (net.in_channels, net.resolution, net.resolution)
         g = torch.Generator(self.device).manual_seed(seed)
         x = torch.randn((n, *shape), generator=g, device=self.device)

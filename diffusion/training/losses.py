@@ -1,7 +1,8 @@
 """Training objectives: DDPM's noise-prediction loss, and the consistency losses (CD, CT, PCM) with their teacher
 steps, distances, weightings and curriculum.
 
-    eps_loss     L_simple of Ho et al. (eq. 14)
+    eps_loss        L_simple of Ho et al. (eq. 14)
+    diffusion_loss  what the network predicts (eps, x0, v) and how its error is weighed (uniform, min-SNR)
     cd_loss      consistency distillation (Song et al. 2023, Alg. 2; PCM, Wang et al. 2024, with phases > 1)
     ct_loss      consistency training (Song et al. 2023, Alg. 3, with Song & Dhariwal 2023's improvements)
 """
@@ -12,22 +13,61 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..sampling.consistency import column, ddim_to, edge_below, log_ve, make_grid, phase_edges
-from ..sampling.core import Model, predict_x0
-from ..schedule import Schedule, eps_from_x0, x_at
+from ..sampling.core import Model, denoise
+from ..schedule import PREDICTIONS, Schedule, eps_from_x0, target, x_at
 
-__all__ = ["eps_loss", "dpm_solver_step", "SOLVERS", "DISTANCES", "distance", "cd_loss", "ct_loss", "ct_steps",
-           "lognormal_weights"]  # fmt: skip
+__all__ = ["eps_loss", "diffusion_loss", "loss_weight", "WEIGHTINGS", "dpm_solver_step", "SOLVERS", "DISTANCES",
+           "distance", "cd_loss", "ct_loss", "ct_steps", "lognormal_weights"]  # fmt: skip
 
 
 def eps_loss(model: nn.Module, schedule: Schedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """L_simple of Ho et al. (eq. 14): t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), MSE(eps, model(x_t, t))."""
+    return diffusion_loss(model, schedule, x0, generator=generator)
+
+
+# -------------------------------------------------------------------- what the network predicts, how it is weighed
+# With SNR = alpha_bar / (1 - alpha_bar), the squared errors of the three targets at one x_t are tied by
+#     |eps_hat - eps|^2 = SNR |x0_hat - x0|^2,    |v_hat - v|^2 = (SNR + 1) |x0_hat - x0|^2,
+# so Min-SNR-gamma (Hang et al. 2023: the x0 loss weighted by min(SNR, gamma)) is each target's own MSE weighted by
+#     x0: min(SNR, gamma),    eps: min(SNR, gamma) / SNR = min(1, gamma / SNR),    v: min(SNR, gamma) / (SNR + 1),
+# all finite at both ends (SNR -> 0, also SNR = 0 under zero terminal SNR, and SNR -> inf).
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weight(prediction: str, weighting: str, snr: Tensor, gamma: float = 5.0) -> Tensor:
+    """The per-sample weight [B] of a `prediction` target's MSE: 1 ("uniform": each target's L_simple) or the one that
+    makes it the min(SNR, gamma)-weighted x0 error ("min_snr", Hang et al. 2023); finite for every SNR >= 0."""
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+    if prediction == "x0":
+        return snr.clamp(max=gamma)
+    if prediction == "eps":
+        return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR; 1 as SNR -> 0 (gamma / 0 = inf, clamped)
+    if prediction == "v":
+        return snr.clamp(max=gamma) / (snr + 1)
+    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+def diffusion_loss(model: nn.Module, schedule: Schedule, x0: Tensor, *, prediction: str = "eps",
+                   weighting: str = "uniform", gamma: float = 5.0,
+                   generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), and the `weighting`-weighted MSE between the network's output and
+    its `prediction` target (eps: Ho et al. eq. 14; x0; v: Salimans & Ho 2022). The raw network, not a wrapper."""
     t = torch.randint(0, schedule.T, (len(x0),), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    return F.mse_loss(model(schedule.q_sample(x0, t, noise), t).float(), noise.float())
+    abar = schedule.alpha_bar(t)  # float64 [B]
+    x_t = schedule.q_sample(x0, t, noise)
+    wanted = target(prediction, x0.float(), noise.float(), abar.float().view(-1, *[1] * (x0.ndim - 1)))
+    error = (model(x_t, t).float() - wanted).pow(2).flatten(1).mean(1)
+    if weighting == "uniform":
+        return error.mean()
+    snr = abar / (1 - abar)  # inf at t = -1 only, which is never drawn; 0 at T-1 under zero terminal SNR
+    return (loss_weight(prediction, weighting, snr, gamma).float() * error).mean()
 
 
 # -------------------------------------------------------------------- the teacher's ODE steps (CD)
@@ -38,10 +78,9 @@ def dpm_solver_step(model: Model, schedule: Schedule, x: Tensor, t: Tensor, s: T
     abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
     m = torch.where(s >= 0, torch.div(t + s, 2, rounding_mode="floor"), t)  # never -1: no call at clean data
     abar_m = schedule.alpha_bar(m)
-    eps = model(x, t)
-    x0_t = predict_x0(x, eps, column(abar_t, x), False)
+    eps, x0_t = denoise(model, x, t, column(abar_t, x))
     u = x_at(x0_t, eps, column(abar_m, x))  # the first-order (DDIM) step to the midpoint
-    x0_m = predict_x0(u, model(u, m), column(abar_m, x), False)
+    _, x0_m = denoise(model, u, m, column(abar_m, x))
     clean = s < 0  # lambda = -log s: h = lambda_s - lambda_t
     h = torch.where(clean, torch.ones_like(abar_t), log_ve(abar_t) - log_ve(abar_s))
     r = torch.where(clean, torch.ones_like(abar_t), (log_ve(abar_t) - log_ve(abar_m)) / h)

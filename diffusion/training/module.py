@@ -16,10 +16,11 @@ from torch.distributed.tensor import DTensor
 from .. import timesteps
 from ..errors import UsageError
 from ..sampling.ddim import ddim
-from ..schedule import Schedule
-from .losses import eps_loss
+from ..schedule import PREDICTIONS, Schedule
+from ..wrappers.prediction import Prediction
+from .losses import WEIGHTINGS, diffusion_loss
 
-__all__ = ["ema_update", "DiffusionModule", "DivergenceError"]
+__all__ = ["ema_update", "DiffusionModule", "DivergenceError", "check_objective"]
 
 
 @torch.no_grad()
@@ -30,6 +31,23 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
+
+
+def check_objective(prediction: str, weighting: str, gamma: float, schedule: Schedule) -> None:
+    """UsageError, in one line, for an objective that cannot be trained: an unknown target or weighting, a gamma that
+    is not a positive number, or eps-prediction under zero terminal SNR (there x_{T-1} = eps, so eps says nothing
+    about x0: Lin et al. 2024 train v)."""
+    if prediction not in PREDICTIONS:
+        raise UsageError(f"module.prediction={prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+    if weighting not in WEIGHTINGS:
+        raise UsageError(f"module.loss_weight={weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma < float("inf"):
+        raise UsageError(f"module.snr_gamma={gamma!r}: use a number > 0 (Min-SNR's gamma; the paper's: 5)")
+    if schedule.zero_terminal and prediction == "eps":
+        raise UsageError(
+            "schedule.zero_terminal_snr=true with module.prediction=eps: at T-1 the noisy image is the noise itself, "
+            "so eps-prediction says nothing about x0 there; use module.prediction=v"
+        )
 
 
 class DivergenceError(UsageError):
@@ -68,12 +86,16 @@ class DiffusionModule(L.LightningModule):
         fused: bool = False,
         compile: bool = False,
         config: dict[str, Any] | None = None,
+        prediction: str = "eps",
+        loss_weight: str = "uniform",
+        snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise UsageError(f"module.ema_decay={ema_decay} must be in [0, 1) (DDPM: 0.9999)")
         if max_bad_steps < 1:
             raise UsageError(f"module.max_bad_steps={max_bad_steps} must be >= 1")
+        check_objective(prediction, loss_weight, snr_gamma, schedule)
         self.automatic_optimization = False
         self.model = model
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -86,6 +108,7 @@ class DiffusionModule(L.LightningModule):
         self.fused = fused
         self.compile = compile
         self.config = config or {}
+        self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, float(snr_gamma)
         self.skipped_steps = 0  # non-finite steps over the whole run (saved in checkpoints)
         self.bad_in_a_row = 0
         self._rng_state_to_restore: dict[str, Any] | None = None
@@ -123,9 +146,15 @@ class DiffusionModule(L.LightningModule):
         self.log_step(loss)
         return loss.detach()
 
-    def training_loss(self, batch: Tensor) -> Tensor:
-        """The loss of one batch: DDPM's L_simple (a subclass such as ConsistencyModule brings its own)."""
-        return eps_loss(self.model, self.schedule, batch)
+    def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The loss of one batch: the network's prediction target under its weighting (DDPM's L_simple by default;
+        a subclass such as ConsistencyModule brings its own)."""
+        return diffusion_loss(self.model, self.schedule, batch, prediction=self.prediction, weighting=self.loss_weight,
+                              gamma=self.snr_gamma, generator=generator)  # fmt: skip
+
+    def eps_model(self, net: nn.Module) -> nn.Module:
+        """`net` (the model or its EMA) as the eps-model every sampler takes (diffusion.wrappers.prediction)."""
+        return net if self.prediction == "eps" else Prediction(net, self.schedule, self.prediction)
 
     def on_finite_step(self) -> None:
         """After an applied (finite) update: the EMA of the weights."""
@@ -180,19 +209,23 @@ class DiffusionModule(L.LightningModule):
         seed = 1_000_003 * batch_idx + self.global_rank
         for name, net in (("val/loss", self.model), ("val/loss_ema", self.ema)):
             g = torch.Generator(self.device).manual_seed(seed)
-            self.log(name, eps_loss(net, self.schedule, batch, generator=g), sync_dist=True, batch_size=len(batch))
+            loss = diffusion_loss(net, self.schedule, batch, prediction=self.prediction, weighting=self.loss_weight,
+                                  gamma=self.snr_gamma, generator=g)  # fmt: skip
+            self.log(name, loss, sync_dist=True, batch_size=len(batch))
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, n: int, steps: int = 50, *, use_ema: bool = True, seed: int = 0) -> Tensor:
-        """n images [n, C, H, W] in [-1, 1] from DDIM (eta = 0) with `steps` leading-spaced steps."""
+        """n images [n, C, H, W] in [-1, 1] from DDIM (eta = 0) with `steps` steps of sample.py's default spacing
+        for DDIM: leading, or trailing (from T-1) under zero terminal SNR."""
         net = self.ema if use_ema else self.model
         shape = self.config.get("image_shape") or _input_shape(net)
         g = torch.Generator(self.device).manual_seed(seed)
         noise = torch.randn((n, *shape), generator=g, device=self.device)
-        ts = timesteps.leading(min(steps, self.schedule.T), self.schedule.T)
+        spacing = "trailing" if self.schedule.zero_terminal else "leading"
+        ts = timesteps.make(spacing, min(steps, self.schedule.T), self.schedule)
         with torch.autocast(self.device.type, enabled=False):
-            return ddim(net, noise, self.schedule, ts).clamp(-1, 1)
+            return ddim(self.eps_model(net), noise, self.schedule, ts).clamp(-1, 1)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
