@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .frechet import frechet_distance
-from .schedule import Schedule
+from .schedule import Schedule, target
 
 __all__ = ["GaussianMixture"]
 
@@ -81,9 +81,38 @@ class GaussianMixture:
         eps = (1 - abar).sqrt() * (xf * c.sum(1, keepdim=True) - abar.sqrt() * (c @ mu))
         return eps.reshape(x.shape).to(x.dtype)
 
+    def x0(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """E[x0 | x_t = x] for x [B, *shape] at int64 t [B], directly (exact also at alpha_bar = 0, where it is the
+        mixture's mean): sum_k r_k (mu_k + sqrt(abar) s_k^2 / v_k (x - sqrt(abar) mu_k)). Float64 inside."""
+        xf = x.reshape(len(x), -1).double()
+        mu = self.means.reshape(len(self.means), -1).to(xf.device)
+        abar = schedule.alpha_bar(t).to(xf.device).view(-1, 1)
+        std2 = self.std.to(xf.device) ** 2
+        v = abar * std2 + (1 - abar)
+        dist2 = (xf**2).sum(1, keepdim=True) - 2 * abar.sqrt() * (xf @ mu.T) + abar * (mu**2).sum(1)
+        logits = self.weights.to(xf.device).log() - 0.5 * xf.shape[1] * v.log() - dist2.clamp(min=0) / (2 * v)
+        r = logits.softmax(dim=1)  # [B, K]
+        gain = abar.sqrt() * std2 / v  # [B, K]: how much of x_t's deviation each component's posterior keeps
+        mean = r @ mu + (r * gain).sum(1, keepdim=True) * xf - ((r * gain * abar.sqrt()) @ mu)
+        return mean.reshape(x.shape).to(x.dtype)
+
     def model(self, schedule: Schedule) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact noise predictor as a sampler's `model(x, t) -> eps`."""
         return partial(self.eps, schedule=schedule)
+
+    def predictor(self, schedule: Schedule, prediction: str) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact network for a prediction target (eps, x0, or v = alpha eps - sigma x0), as `net(x, t)`."""
+        if prediction == "eps":
+            return self.model(schedule)
+
+        def net(x: Tensor, t: Tensor) -> Tensor:
+            x0 = self.x0(x, t, schedule)
+            if prediction == "x0":
+                return x0
+            abar = schedule.alpha_bar(t).to(x.device, x.dtype).view(-1, *[1] * (x.ndim - 1))
+            return target("v", x0, self.eps(x, t, schedule), abar)
+
+        return net
 
     # ---------------------------------------------------------------- distances to the mixture
     def moments(self) -> tuple[Tensor, Tensor]:

@@ -330,3 +330,59 @@ def test_export_command_writes_a_checkpoints_ema_weights(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error: no checkpoint at") and err.count("\n") == 1
     assert "missing.ckpt" in err
+
+
+# ---------------------------------------------------------------- what the network predicts
+
+
+def diffusers_ddim(unet: UNet2DModel, scheduler: DDIMScheduler, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """diffusers' own DDIM loop (eta = 0, leading timesteps as ours)."""
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    return x
+
+
+SQUARE = {**TWO_ATTN, "out_channels": 1}  # out as in: a network that samples
+
+
+@pytest.mark.parametrize("prediction_type, ours", [("v_prediction", "v"), ("sample", "x0")])
+def test_a_v_or_x0_folder_samples_here_as_in_diffusers_and_exports_back(prediction_type, ours, tmp_path):
+    """A diffusers UNet2DModel trained for v (or x0) samples here as diffusers' DDIMScheduler samples it; exported
+    from here, diffusers reads the prediction_type back and samples it alike."""
+    from diffusion.sampling import ddim
+    from diffusion.timesteps import leading
+    from diffusion.wrappers.prediction import Prediction
+
+    theirs = saved(tmp_path / "in", SQUARE, DDIMScheduler(prediction_type=prediction_type))
+    model, schedule = pretrained.load(tmp_path / "in")
+    assert isinstance(model, Prediction) and model.prediction == ours
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    unclipped = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)  # our ddim's default, as DDIM's code
+    expected = diffusers_ddim(theirs.eval(), unclipped, x, 10)
+    got = ddim(model, x, schedule, leading(10, 1000))
+    assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
+
+    export.export(model, schedule, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == prediction_type
+    back = UNet2DModel.from_pretrained(tmp_path / "out").eval()
+    again = diffusers_ddim(back, DDIMScheduler.from_pretrained(tmp_path / "out", clip_sample=False), x, 10)
+    assert torch.allclose(again, got, atol=2e-4), (again - got).abs().max()
+
+
+def test_a_zero_terminal_snr_folder_reads_as_diffusers_rescales_it(tmp_path):
+    """rescale_betas_zero_snr: the same Lin et al. rescaling as diffusers' (its alpha_bar to float32 precision, the
+    last beta 1), and our export of such a schedule reads back unchanged in both."""
+    theirs = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           rescale_betas_zero_snr=True, prediction_type="v_prediction")  # fmt: skip
+    ours = pretrained.schedule_from_config(dict(theirs.config))
+    assert ours.zero_terminal and float(ours.betas[-1]) == 1.0
+    # alpha_bar to diffusers' float32 precision (its betas are ratios of them, rounded), 0 at T-1 in both
+    assert torch.allclose(ours.alphas_cumprod.float(), theirs.alphas_cumprod, atol=2e-7)
+    assert float(ours.alphas_cumprod[-1]) == 0 == float(theirs.alphas_cumprod[-1])
+    written = export.scheduler_config(ours, "v")
+    assert written["prediction_type"] == "v_prediction"
+    assert torch.equal(pretrained.schedule_from_config(written).betas, ours.betas)
+    assert torch.allclose(DDPMScheduler.from_config(written).betas.double(), ours.betas, atol=1e-7)

@@ -113,7 +113,7 @@ def unipc(
         if history:  # UniC: correct the last prediction with the model call just taken there (its x0 stays m)
             x = _unipc_update(x_prev, history, lam_t, abar_prev, abar_t, p, variant, m_s=m)
         history = [*history[len(history) + 1 - order :], (lam_t, m)]
-        p = min(order, i + 1, len(trajectory) - i)
+        p = min(len(history), len(trajectory) - i)  # min(order, points so far, steps left)
         x_prev, abar_prev = x, abar_t
         x = _unipc_update(x, history, half_log_snr(abar_s), abar_t, abar_s, p, variant)
     return x
