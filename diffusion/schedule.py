@@ -151,9 +151,29 @@ class Schedule:
         return Schedule(self.betas.to(device), self.name)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
-        """alpha_bar_t for int64 t [B] (t = -1 gives 1: clean data), float64."""
+        """alpha_bar_t for int64 t [B] (t = -1 gives 1: clean data), float64. A float t in [0, T-1] (the ODE
+        solvers' intermediate times) is interpolated linearly in lambda, the half log-SNR, between its integers, so
+        that alpha_bar = sigmoid(2 lambda) is smooth in lambda whatever the schedule."""
+        if t.is_floating_point():
+            return self._alpha_bar_between(t)
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return padded.to(t.device)[t + 1]
+
+    def _alpha_bar_between(self, t: Tensor) -> Tensor:
+        lam = half_log_snr(self.alphas_cumprod.to(t.device))
+        t = t.double().clamp(0, self.T - 1)
+        low = t.floor().long().clamp(max=self.T - 2)
+        w = t - low
+        between = torch.where(w > 0, (1 - w) * lam[low] + w * lam[low + 1], lam[low])  # -inf * 0 is no number
+        return torch.sigmoid(2 * between)
+
+    def time_of(self, lam: Tensor) -> Tensor:
+        """The continuous timestep [B] whose lambda (as alpha_bar interpolates it) is `lam`: the inverse of the map
+        above, for the ODE solvers that step in lambda (float64)."""
+        table = half_log_snr(self.alphas_cumprod.to(lam.device))  # decreasing in t
+        i = torch.searchsorted(-table, -lam.double()).clamp(1, self.T - 1)  # table[i - 1] >= lam > table[i]
+        w = (table[i - 1] - lam) / (table[i - 1] - table[i])
+        return (i - 1).double() + w.clamp(0, 1)
 
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

@@ -136,6 +136,8 @@ PAPER_SPACING = {
     "unipc": ("logsnr", "the UniPC code's logSNR grid (built on DPM-Solver's)"),
     "analytic_ddpm": ("even", "the Analytic-DPM code's even trajectory"),
     "analytic_ddim": ("even", "the Analytic-DPM code's even trajectory"),
+    "fon": ("leading", "the PNDM code's uniform skip"),
+    "pf": ("trailing", "from T-1; the adaptive solver chooses the rest"),
     "consistency_sampling": ("trailing", "T-1 first, the consistency grid's own start"),
 }
 

@@ -25,7 +25,8 @@ from ..sampling.generate import PRECISIONS, Autocast, generate
 from ..wrappers import prediction
 from . import loggers
 
-__all__ = ["load", "plan", "prepare", "with_gamma", "wrap", "draw", "write", "describe", "newest_checkpoint"]
+__all__ = ["load", "plan", "prepare", "with_gamma", "wrap", "draw", "write", "describe", "adaptive",
+           "newest_checkpoint"]  # fmt: skip
 
 SEARCH_ROOTS = ("outputs", "multirun")
 
@@ -126,7 +127,12 @@ def wrap(cfg: DictConfig, model, ts):
     try:
         net = instantiate(cfg.skip)(net) if cfg.skip else net
         group = "cache"
-        net = instantiate(cfg.cache)(net, timesteps=ts) if cfg.cache else net
+        if cfg.cache:  # count null: every N-th call for sampler=pf, whose calls are the solver's, else steps
+            count = cfg.cache.get("count") or ("calls" if adaptive(cfg) else "steps")
+            if count == "steps" and adaptive(cfg):
+                raise ValueError("count=steps picks full steps among the timesteps, and sampler=pf evaluates where its "
+                                 "solver chooses: use cache.count=calls (every N-th call) or null")  # fmt: skip
+            net = instantiate(cfg.cache, count=count)(net, timesteps=ts)
     except ValueError as error:
         raise UsageError(f"{group} options: {error}") from error
     net = Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
@@ -160,11 +166,20 @@ def nonfinite_message(cfg: DictConfig, n: int) -> str:
             f"diverged. Try {' or '.join(fixes) or 'other weights'}")  # fmt: skip
 
 
+def adaptive(cfg: DictConfig) -> bool:
+    """Whether the sampler chooses its own steps (sampler=pf): `steps` and the spacing then only set its start."""
+    return cfg.sampler._target_.rsplit(".", 1)[-1] == "pf"
+
+
 def describe(cfg: DictConfig, spacing: str) -> str:
     """e.g. "dpm_solver, 20 logsnr steps (the sampler's own: the DPM-Solver code's logSNR grid; spacing= to choose)"."""
     name = cfg.sampler._target_.rsplit(".", 1)[-1]
     skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
+    if adaptive(cfg):
+        tolerances = f"{cfg.sampler.method} at rtol={cfg.sampler.rtol:g}, atol={cfg.sampler.atol:g}"
+        return (f"{name}{skip}{cache}, {tolerances}: the solver chooses its steps and NFE from the first {spacing} "
+                f"timestep (steps={cfg.steps} sets only that start, T-1 under trailing)")  # fmt: skip
     whose = timesteps.PAPER_SPACING.get(name, ("leading", "the DDIM paper's uniform skip"))
     if spacing != whose[0]:  # zero terminal SNR: trailing for every sampler
         whose = (spacing, "from T-1, pure noise under zero terminal SNR (Lin et al. 2024)")

@@ -8,6 +8,8 @@
     dpm_solver, dpm_solver_3m  DPM-Solver++(2M), (3M) (Lu et al. 2022)                  dpm_solver.py   S
     unipc                      UniPC (Zhao et al. 2023)                                 unipc.py        S
     analytic_ddpm, _ddim       Analytic-DPM (Bao et al. 2022)                           analytic.py     S
+    fon                        classical RK4 on the ODE (the PNDM paper's FON)          fon.py          4 (S - 1) + 1
+    pf                         probability-flow ODE, adaptive RK45 (Song et al. 2021)   pf.py           the solver's
     consistency_sampling       multistep consistency sampling (Song et al. 2023)        consistency.py  S
 
 core.py holds what they share (the step list, x0 from eps, DDIM's update, the noise source); generate.py draws many
@@ -23,8 +25,10 @@ from .core import Model, NoiseSource, randn_like
 from .ddim import ddim
 from .ddpm import ddpm
 from .dpm_solver import dpm_solver, dpm_solver_3m
+from .fon import fon
+from .pf import pf
 from .pndm import plms, pndm, s_pndm
 from .unipc import unipc
 
 __all__ = ["ddpm", "ddim", "pndm", "s_pndm", "plms", "dpm_solver", "dpm_solver_3m", "unipc", "analytic_ddpm",
-           "analytic_ddim", "consistency_sampling", "Model", "NoiseSource", "randn_like"]  # fmt: skip
+           "analytic_ddim", "fon", "pf", "consistency_sampling", "Model", "NoiseSource", "randn_like"]  # fmt: skip

@@ -3,8 +3,9 @@ source. Sampler modules import this one only, never each other (tests/test_impor
 
     sampler(model, x, schedule, timesteps, *, generator=None, **options) -> x0
 
-`model(x, t) -> eps` with t int64 [B]; `x` is the starting noise x_T [B, C, H, W]; `timesteps` is a strictly
-descending int64 tensor in [0, T-1] (diffusion.timesteps). Each step goes from t to s, the next timestep (s = -1
+`model(x, t) -> eps` with t int64 [B] (float64 between the integers where the ODE solvers fon and pf evaluate:
+`between`); `x` is the starting noise x_T [B, C, H, W]; `timesteps` is a strictly descending int64 tensor in
+[0, T-1] (diffusion.timesteps). Each step goes from t to s, the next timestep (s = -1
 after the last: clean data, alpha_bar = 1); the model is never called at s = -1. `clip` clamps every clean
 estimate x0 to [-1, 1] (images only: it biases unbounded data). Stochastic samplers draw their noise with
 `randn_like` from `generator`: a torch.Generator, or any object with `randn(shape, *, device, dtype)` (such as
@@ -21,6 +22,7 @@ Notation (code -> papers):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -31,7 +33,7 @@ from ..schedule import Schedule, eps_from_x0, half_log_snr, x0_from_eps
 from ..timesteps import check_start
 
 __all__ = ["Model", "NoiseSource", "Generator", "Step", "steps", "t_batch", "denoise", "predict_x0", "ddim_step",
-           "randn_like", "half_log_snr"]  # fmt: skip
+           "randn_like", "half_log_snr", "between"]  # fmt: skip
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Step = tuple[int, int, float, float]  # (t, s, abar_t, abar_s)
@@ -138,3 +140,10 @@ def ddim_step(
     if std > 0:
         x = x + std * randn_like(x, generator)
     return x
+
+
+def between(schedule: Schedule, lam: float, x: Tensor) -> tuple[Tensor, float]:
+    """(the model's time input [B], alpha_bar) at the half log-SNR `lam` = log(alpha / sigma): a float timestep
+    between the schedule's integers (Schedule.time_of), where the ODE solvers (fon, pf) evaluate the model."""
+    t = schedule.time_of(torch.tensor([lam], dtype=torch.float64, device=x.device))
+    return t.expand(len(x)), 1 / (1 + math.exp(-2 * lam))

@@ -22,9 +22,11 @@ Down block (level, j) pairs with up block (level, n - 1 - j); the downsample of 
 
 The wrapper is a `model(x, t) -> eps` that no sampler needs to know about. It is told the sampling timesteps
 (constructor or `plan`) and picks the full steps among them. A call is full when it is the first at a full-step
-timestep in the current trajectory; every other call is cached, including the extra timesteps that PNDM's
-Runge-Kutta start visits. A call at the first timestep starts a new trajectory (so a new batch never reuses the
-last one's features), as do `reset()`, no cache yet, and a new input shape. With interval 1 every call is full.
+timestep in the current trajectory; every other call is cached, including the extra (float) timesteps that PNDM's
+Runge-Kutta start and FON's midpoints visit. A call at the first timestep starts a new trajectory (so a new batch
+never reuses the last one's features), as do `reset()`, no cache yet, and a new input shape. With interval 1 every
+call is full. A solver that chooses its own evaluation times (sampler=pf) has no steps to pick among: with
+`count="calls"` every interval-th call of a trajectory is full instead (uniform 1:N over calls).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("uniform", "nonuniform", "official")
+COUNTS = ("steps", "calls")
 
 
 # ---------------------------------------------------------------- which steps are full (Sec. 3.3)
@@ -141,6 +144,9 @@ class DeepCache(nn.Module):
         schedule: which steps are full: "uniform" (every N-th), "nonuniform" (`nonuniform_steps`) or "official"
             (`official_steps`, at the centre step round(center * steps) and pow = `power`).
         center, power: the centre as a fraction of the steps, and the exponent, of the two non-uniform rules.
+        count: "steps", full steps among the timesteps; "calls", every interval-th call since the trajectory's
+            first (for adaptive solvers such as sampler=pf, whose calls are not known in advance; uniform only).
+            None is "steps" (sample.py's null picks by the sampler).
         uniform: replaced by `schedule`; refused with the translation, so an old config fails loudly.
     """
 
@@ -154,6 +160,7 @@ class DeepCache(nn.Module):
         schedule: str = "uniform",
         center: float = 0.5,
         power: float = 1.4,
+        count: str | None = "steps",
         uniform: bool | None = None,
     ) -> None:
         super().__init__()
@@ -166,11 +173,20 @@ class DeepCache(nn.Module):
             )
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a schedule of full steps: choose one of {SCHEDULES}")
+        count = "steps" if count is None else count
+        if count not in COUNTS:
+            raise ValueError(f"count={count!r}: choose steps (full steps among the timesteps) or calls (every N-th)")
+        if count == "calls" and schedule != "uniform":
+            raise ValueError(
+                f"schedule={schedule} places full steps by the number of steps, which a solver that picks its own "
+                "calls (count=calls) does not know in advance: use schedule=uniform"
+            )
         _check_schedule(1, interval)
         _check_power_rule(center, power)
         if schedule == "official" and not power > 1:
             raise ValueError(f"power={power} must be > 1 for schedule=official (its search lowers it while > 1)")
         self.model, self.interval, self.schedule, self.center, self.power = model, interval, schedule, center, power
+        self.count = count
         self.branch, self._down, self._up = _locate(model, branch)
         self.full_calls = self.shallow_calls = 0
         self.timesteps: list[int] | None = None
@@ -203,12 +219,16 @@ class DeepCache(nn.Module):
         self._deep: Tensor | None = None
         self._shape: torch.Size | None = None
         self._refreshed: set[int] = set()
+        self._calls = 0  # since the trajectory's first, for count="calls"
 
     def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
         step = self._step(t, x)
         if self.timesteps is not None and step == self.timesteps[0]:
             self._refreshed.clear()  # the first timestep: a new trajectory
-        if self._is_full(step, x):
+            self._calls = 0
+        full = self._is_full(step, x)
+        self._calls += 1
+        if full:
             eps, deep = self._full(x, t)
             self._deep, self._shape = deep.detach(), x.shape
             self._refreshed.add(step)
@@ -220,13 +240,18 @@ class DeepCache(nn.Module):
     def _is_full(self, step: int, x: Tensor) -> bool:
         if self.interval == 1 or self._deep is None or x.shape != self._shape:
             return True
+        if self.count == "calls":
+            return self._calls % self.interval == 0
         return step in self._full_t and step not in self._refreshed
 
-    def _step(self, t: Tensor | int, x: Tensor) -> int:
+    def _step(self, t: Tensor | int, x: Tensor) -> int | float:
+        """The call's timestep: an int, or a float between the integers (the ODE solvers' evaluations), which
+        is never a planned step."""
         t = torch.as_tensor(t).flatten()
         if t.numel() == 0 or (t != t[0]).any():
             raise ValueError("DeepCache needs one timestep per call (every row of t equal), as samplers pass it")
-        step = int(t[0])
+        value = t[0].item()
+        step = int(value) if float(value).is_integer() else value
         if self.timesteps is None and self.interval > 1:
             raise ValueError("DeepCache needs the sampling timesteps: DeepCache(model, timesteps) or .plan(timesteps)")
         if self.timesteps is not None and step > self.timesteps[0]:
@@ -271,7 +296,9 @@ class DeepCache(nn.Module):
 
     def extra_repr(self) -> str:
         shape = "" if self.schedule == "uniform" else f", center={self.center}, power={self.power}"
-        return f"interval={self.interval}, branch={self.branch} (level, position {self._down}), {self.schedule}{shape}"
+        calls = ", every interval-th call" if self.count == "calls" else ""
+        return (f"interval={self.interval}, branch={self.branch} (level, position {self._down}), "
+                f"{self.schedule}{shape}{calls}")  # fmt: skip
 
 
 def _locate(model: UNet, branch: int | None) -> tuple[int, tuple[int, int], tuple[int, int]]:
