@@ -35,10 +35,15 @@ from diffusion.schedule import Schedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR_DRAWS = 5
-ENDPOINT_STEPS = 500  # the exact ODE endpoint: DPM-Solver++(2M) at 500 log-SNR steps (consistency_mixture.py too)
+# The exact ODE endpoint of an x_T: PF (scipy's RK45) at rtol = atol = 1e-8, 9e-9 RMS per pixel from its 1e-10 run on
+# the mixture; a 500-step DPM-Solver++(2M), the reference before PF, lands 1.7e-4 (linear) / 6.6e-5 (cosine) from it
+# (it steps to clean data, PF stops at t = 0 and takes x0 there: benchmarks/README.md).
+ENDPOINT_TOL = 1e-8
 # NFE of S steps, as each sampler's docstring documents (the others: S); checked against counted calls in `run`
-NFE = {"pndm": lambda S: 4 * S - 3 if S <= 3 else S + 9, "s_pndm": lambda S: S + 1 if S > 1 else 1}
+NFE = {"pndm": lambda S: 4 * S - 3 if S <= 3 else S + 9, "s_pndm": lambda S: S + 1 if S > 1 else 1,
+       "fon": lambda S: 4 * (S - 1) + 1}  # fmt: skip
 NFE["plms"] = NFE["s_pndm"]
+AT_MOST = {"fon"}  # 4 (S - 1) + 1 meets few budgets: these take the most steps within the budget (their NFE said)
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,20 @@ class Row:
 
 
 def nfe_steps(row: Row, nfe: int) -> int | None:
-    """The step count S at which `row` spends exactly `nfe` model evaluations (None if none does)."""
+    """The step count S at which `row` spends exactly `nfe` model evaluations (None if none does); for AT_MOST
+    samplers the largest S within `nfe`."""
     count = NFE.get(row.sampler.__name__, lambda S: S)
+    if row.sampler.__name__ in AT_MOST:
+        return max((S for S in range(1, nfe + 1) if count(S) <= nfe), default=None)
     return next((S for S in range(1, nfe + 1) if count(S) == nfe), None)
+
+
+def exact_endpoint(model, x_T: Tensor, sched: Schedule, *, batch: int | None = None, tol: float = ENDPOINT_TOL):
+    """The probability-flow ODE's endpoint of each x_T under `model`: PF at rtol = atol = `tol`, from the log-SNR
+    grid's start (lambda >= -5.1: t = 995 on the cosine schedule, where the logsnr rows start) to t = 0, then x0."""
+    start = timesteps.logsnr(1, sched).to(x_T.device)
+    run = lambda x: sampling.pf(as_dtype(model), x, sched, start, rtol=tol, atol=tol)  # noqa: E731
+    return torch.cat([run(x) for x in x_T.split(batch or len(x_T))])
 
 
 class Refused(Exception):
@@ -118,8 +134,10 @@ def run(row: Row, model, data: GaussianMixture, sched: Schedule, steps: int, x_T
     g = torch.Generator(x_T.device).manual_seed(seed + 1)  # fresh noise of the stochastic samplers
     chunks = x_T.split(batch)
     analytic_options = {"gamma": gamma, "data_var": data_var}  # data_var: Theorem 2's bound (unclipped)
-    options = row.options | (analytic_options if "gamma" in inspect.signature(row.sampler).parameters else {})
-    out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, clip=False, **options) for x in chunks])
+    takes = inspect.signature(row.sampler).parameters
+    options = row.options | (analytic_options if "gamma" in takes else {})
+    options |= {"clip": False} if "clip" in takes else {}  # the ODE solvers fon and pf never clip
+    out = torch.cat([row.sampler(counted, x, sched, ts, generator=g, **options) for x in chunks])
     full = net.full_calls / len(chunks) if hasattr(net, "full_calls") else None
     cell = Cell(data.frechet(out), data.mode_weight_error(out), calls / len(chunks), steps, full)
     return cell, out
@@ -146,7 +164,7 @@ def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, d
 
 def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, columns: Sequence[int], n: int, *,
           steps: Callable[[Row, int], int | None] = lambda row, c: c, seed: int = 0, batch: int | None = None,
-          device: str = "cpu", keep: bool = False, exact: dict | None = None, endpoint: int = 0,
+          device: str = "cpu", keep: bool = False, exact: dict | None = None, endpoint: float = 0.0,
           gamma_m: int = 1000) -> dict:  # fmt: skip
     """Every row at every column: {"cells": {(row index, column): Cell}, "blank": {(row index, column): why},
     "floor", "seconds", "gamma_seconds"}, with "samples": {(base_key(row), steps): samples} if `keep`.
@@ -154,7 +172,7 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
     Args:
         steps: the step count of a row in a column (default: the column itself), None for a blank cell.
         exact: the "samples" of the exact predictor's table: each cell is paired with its twin there.
-        endpoint: if > 0, pair each cell with the ODE endpoint of `model` (DPM-Solver++(2M), that many log-SNR steps).
+        endpoint: if > 0, pair each cell with the ODE endpoint of `model` (`exact_endpoint`, PF at that tolerance).
     """
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -164,8 +182,7 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
     gamma_seconds = time.perf_counter() - start
     reference = None
     if endpoint:
-        ts = timesteps.logsnr(endpoint, sched)
-        reference = torch.cat([sampling.dpm_solver(as_dtype(model), x, sched, ts) for x in x_T.split(batch or n)])
+        reference = exact_endpoint(model, x_T, sched, batch=batch, tol=endpoint)
     cells, blank, samples = {}, {}, {}
     jobs = [(i, c) for i in range(len(rows)) for c in columns]
     for i, c in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):

@@ -7,7 +7,9 @@ The data is a mixture of Gaussian images (3x8x8 by default: 6 modes of random +-
 std 0.1) whose optimal noise predictor is known in closed form (diffusion.mixture), so what separates a sampler's
 output from the data is the sampler's own error: no training, no Inception network. Each column is a budget of
 model evaluations (NFE); each row takes the number of steps S that spends exactly that budget (F-PNDM: 4S - 3 for
-S <= 3, S + 9 after; S-PNDM and PLMS: S + 1; the others S), and a budget no S meets is left blank. Each cell: the
+S <= 3, S + 9 after; S-PNDM and PLMS: S + 1; the others S), and a budget no S meets is left blank; FON, whose
+4 (S - 1) + 1 meets few budgets, takes the most steps within the budget, its NFE said. PF (adaptive RK45) picks
+its own NFE: a second table, one row per tolerance. Each cell: the
 Frechet distance in data space to the mixture's mean and covariance, the mode-weight error (total variation between
 the true weights and the share of samples nearest each mean), S; after the dot, paired measures (below). Every row
 starts from the same x_T (float64) and no sampler clips x0 (the data is unbounded). The noise floor is the same
@@ -18,12 +20,12 @@ Writes quality_<schedule>.md and quality_<schedule>.png (error vs NFE) to --out.
 students (issue 13) come from benchmarks/consistency_mixture.py's JSON (--consistency): a second table and stars on
 the plot, when it was made for the same schedule, shape and mixture seed.
 
-Closed form: each cell is paired with the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M),
-ENDPOINT_STEPS log-SNR steps): RMS per pixel and the share of samples on another mode: a deterministic sampler's
-own discretisation error (a stochastic one lands elsewhere by design). With --checkpoint, the model is a network
-trained by train.py on `data=mixture` (`experiment=mixture`), with DeepCache and Skip-Tuning rows; the same rows run
-with the exact noise predictor of that mixture first, and each trained cell is paired with its exact twin (same
-sampler, steps, x_T and noise): the network's own error.
+Closed form: each cell is paired with the exact probability-flow ODE endpoint of the same x_T (PF at rtol = atol =
+ENDPOINT_TOL, from the log-SNR grid's start to t = 0, then x0): RMS per pixel and the share of samples on another
+mode: a deterministic sampler's own discretisation error (a stochastic one lands elsewhere by design). With
+--checkpoint, the model is a network trained by train.py on `data=mixture` (`experiment=mixture`), with DeepCache
+and Skip-Tuning rows; the same rows run with the exact noise predictor of that mixture first, and each trained cell
+is paired with its exact twin (same sampler, steps, x_T and noise): the network's own error.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import Tensor  # noqa: E402
 
 from benchmarks.consistency_students import read_students, students_markdown  # noqa: E402
 from benchmarks.mixture_testbed import (  # noqa: E402
-    ENDPOINT_STEPS,
+    ENDPOINT_TOL,
     FLOOR_DRAWS,
     RESULTS,
     Refused,
@@ -83,6 +85,7 @@ ROWS = (
     Row("pndm (F-PNDM)", sampling.pndm),
     Row("s_pndm", sampling.s_pndm),
     Row("plms", sampling.plms),
+    Row("fon (RK4)", sampling.fon),
     Row("dpm_solver++(2M)", sampling.dpm_solver, "logsnr"),
     Row("dpm_solver++(2M)", sampling.dpm_solver),
     Row("dpm_solver++(3M)", sampling.dpm_solver_3m, "logsnr"),
@@ -91,6 +94,11 @@ ROWS = (
     Row("unipc order 2, bh1", sampling.unipc, "logsnr", {"order": 2, "variant": "bh1"}),
     Row("unipc order 3, bh1", sampling.unipc, "logsnr", {"order": 3, "variant": "bh1"}),
 )
+# PF (adaptive RK45) chooses its own NFE: one row per tolerance, in a table of its own. It starts where the exact
+# endpoint does (the log-SNR grid's start), so its paired error is its tolerance's alone.
+PF_TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5)
+PF_ROWS = tuple(Row(f"pf, rtol = atol = {tol:g}", sampling.pf, "logsnr", {"rtol": tol, "atol": tol})
+                for tol in PF_TOLERANCES)  # fmt: skip
 OWN_METHODS = frozenset(f"{r.name} ({r.spacing})" for r in ROWS)  # a students' file's baselines: measured here
 
 
@@ -156,9 +164,9 @@ def skip_rho(path: Path) -> tuple[tuple[float, float], str]:
 
 
 def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: dict, notes: Sequence[str] = (),
-             students: Sequence[dict] = ()) -> str:  # fmt: skip
-    """The table: one row per sampler configuration, one column per NFE budget, the noise floor, the notes; the
-    consistency students' table (`read_students`) below it."""
+             students: Sequence[dict] = (), after: str = "") -> str:  # fmt: skip
+    """The table: one row per sampler configuration, one column per NFE budget, the noise floor, the notes; `after`
+    (PF's table) and the consistency students' table (`read_students`) below it."""
     lines = [f"### {title}", "",
              "Cells: Frechet distance in data space / mode-weight error (total variation), the steps S that spend the",
              "column's NFE (F: DeepCache's full UNet calls); after the dot, paired measures from the same x_T: RMS",
@@ -189,11 +197,24 @@ def markdown(title: str, rows: Sequence[Row], columns: Sequence[int], result: di
               "-5.1: t = 995 on the cosine schedule).",
               *notes]  # fmt: skip
     lines += [f"Blank: {name} at {', '.join(cols)} NFE: {why}." for (name, why), cols in blanks.items()]
-    return "\n".join(lines + students_markdown(students)) + "\n"
+    tail = students_markdown(students)  # its first line is blank, as `after`'s
+    return "\n".join(lines) + "\n" + after + ("\n".join(tail) + "\n" if tail else "")
+
+
+def pf_markdown(result: dict) -> str:
+    """PF's table: one row per tolerance, the NFE its solver chose (per sample batch), the cell's measures."""
+    lines = ["", "### PF: the probability-flow ODE by adaptive RK45 (Song et al. 2021), the NFE its tolerance chose",
+             "", "| sampler | start | NFE | Frechet / mode-weight error · paired RMS, other mode |",
+             "|---|---|---|---|"]  # fmt: skip
+    for i, row in enumerate(PF_ROWS):
+        c = result["cells"][i, 0]
+        vs = f" · {c.paired[0]:.3g}, {100 * c.paired[1]:.1f}%" if c.paired else ""
+        lines.append(f"| {row.name} | {row.spacing} | {c.nfe:g} | {c.frechet:.3g} / {c.mode_error:.3f}{vs} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], result: dict,
-         students: Sequence[dict] = ()) -> None:  # fmt: skip
+         students: Sequence[dict] = (), pf: dict | None = None) -> None:  # fmt: skip
     """Frechet distance and the paired RMS (or the mode-weight error) against NFE, log-log, with the noise floor;
     the consistency students as stars above the legend (paired RMS on the right: only beside paired cells)."""
     import matplotlib
@@ -216,6 +237,11 @@ def plot(path: Path, title: str, rows: Sequence[Row], columns: Sequence[int], re
         axes[0].scatter([r["nfe"] for r in mine], [r["fd"] for r in mine], label=f"{method} (consistency)", **kw)
         if has_pair:
             axes[1].scatter([r["nfe"] for r in mine], [r["rms"] for r in mine], **kw)
+    if pf:  # PF: one point per tolerance, at the NFE it chose
+        cells = [pf["cells"][i, 0] for i in range(len(PF_ROWS))]
+        kw = dict(marker="X", color="k", linestyle=":", label="pf (RK45), rtol = atol = 1e-2 .. 1e-5")
+        axes[0].plot([c.nfe for c in cells], [c.frechet for c in cells], **kw)
+        axes[1].plot([c.nfe for c in cells], [c.paired[0] if has_pair else c.mode_error for c in cells], **kw)
     (mean, sd), _ = result["floor"]
     axes[0].axhspan(max(mean - sd, mean / 10), mean + sd, color="0.85", zorder=0)
     axes[0].axhline(mean, color="0.5", linewidth=1, zorder=0, label="noise floor (exact samples)")
@@ -241,7 +267,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nfe", default="5,10,20,50,100", help="comma-separated NFE budgets (the columns)")
     parser.add_argument("--samples", type=int, default=10000, help="samples per cell (and for the noise floor)")
     parser.add_argument("--gamma-m", type=int, default=1000, help="mixture samples for Analytic-DPM's Gamma")
-    parser.add_argument("--endpoint-steps", type=int, default=ENDPOINT_STEPS, help="log-SNR steps of the exact ODE")
+    parser.add_argument("--endpoint-tol", type=float, default=ENDPOINT_TOL,
+                        help="rtol = atol of the PF run that is the exact ODE endpoint")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS), help="folder for the .md tables and .png plots")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -261,8 +288,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--nfe must be comma-separated integers such as 5,10,20,50,100, got {args.nfe!r}")
     if any(s < 1 for s in args.nfe) or args.samples < 2 or (args.batch is not None and args.batch < 1):
         parser.error("need --nfe >= 1 each, --samples >= 2 and --batch >= 1")
-    if args.endpoint_steps < 1:
-        parser.error(f"--endpoint-steps must be >= 1 (the exact ODE endpoint's steps), got {args.endpoint_steps}")
+    if not 0 < args.endpoint_tol < 1:
+        parser.error(f"--endpoint-tol must lie in (0, 1) (the exact ODE endpoint's tolerance), got {args.endpoint_tol}")
     if args.gamma_m < 1:
         parser.error(f"--gamma-m must be >= 1 (the paper: 10-100 already close), got {args.gamma_m}")
     if args.checkpoint and args.schedule:
@@ -302,11 +329,12 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
                      ROWS + DEEPCACHE_ROWS + skip_rows(rho), model, data, sched, notes, []))  # fmt: skip
     else:
         data = image_mixture(seed=args.seed)
-        notes = (f"Paired: against the exact probability-flow ODE endpoint of the same x_T (DPM-Solver++(2M), "
-                 f"{args.endpoint_steps} log-SNR steps); for the stochastic rows (ddpm, analytic_*) a measure of how "
-                 "far their noise moves a sample, not an error. Consistency students (CD / CT / PCM at 1, 2, 4 steps; "
-                 "benchmarks/consistency_mixture.py trains them and writes its JSON): a second table below and stars "
-                 "on the plot, where that JSON is there for this schedule.",)  # fmt: skip
+        notes = (f"Paired: against the exact probability-flow ODE endpoint of the same x_T (PF, scipy's RK45 at rtol "
+                 f"= atol = {args.endpoint_tol:g}, from the log-SNR grid's start to t = 0, then x0); for the "
+                 "stochastic rows (ddpm, analytic_*) a measure of how far their noise moves a sample, not an error. "
+                 "Consistency students (CD / CT / PCM at 1, 2, 4 steps; benchmarks/consistency_mixture.py trains "
+                 "them and writes its JSON): a second table below and stars on the plot, where that JSON is there "
+                 "for this schedule.",)  # fmt: skip
         for name in ("linear", "cosine") if args.schedule in (None, "both") else (args.schedule,):
             sched = getattr(schedule, name)(T=1000)
             title = f"Exact noise predictor, {name} schedule (T=1000), {data}, {args.samples} samples, {gamma}"
@@ -321,18 +349,23 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
         if max(args.nfe) > sched.T:
             raise UsageError(f"--nfe {max(args.nfe)} exceeds the schedule's T={sched.T} steps")
         keep = bool(args.checkpoint) and exact is None
-        endpoint = 0 if args.checkpoint else args.endpoint_steps
+        endpoint = 0 if args.checkpoint else args.endpoint_tol
         result = table(rows, model, data, sched, args.nfe, args.samples, keep=keep, exact=exact, endpoint=endpoint,
                        **opts)  # fmt: skip
-        exact = result.pop("samples", exact)  # large: not returned
-        timing = f"Run time: {result['seconds']:.0f} s on this CPU ({result['gamma_seconds']:.0f} s of it for Gamma)."
-        text = markdown(title, rows, args.nfe, result, tuple(n for n in (*notes, timing) if n), students)
+        pf = table(PF_ROWS, model, data, sched, (0,), args.samples, keep=keep, exact=exact, endpoint=endpoint,
+                   **(opts | {"steps": lambda row, c: 1}))  # fmt: skip
+        if keep:
+            exact = result.pop("samples") | pf.pop("samples")  # large: not returned
+        timing = (f"Run time: {result['seconds'] + pf['seconds']:.0f} s on this CPU ({result['gamma_seconds']:.0f} s "
+                  "of it for Gamma).")  # fmt: skip
+        text = markdown(title, rows, args.nfe, result, tuple(n for n in (*notes, timing) if n), students,
+                        pf_markdown(pf))  # fmt: skip
         print(text, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{file}.md").write_text(text)
         if args.plot:
-            plot(out / f"{file}.png", title, rows, args.nfe, result, students)
-        results[file] = result
+            plot(out / f"{file}.png", title, rows, args.nfe, result, students, pf)
+        results[file] = result | {"pf": pf}
     return results
 
 
