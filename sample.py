@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 import numpy as np
 from omegaconf import DictConfig
@@ -13,17 +15,19 @@ from diffusion.cli.options import check_options
 from diffusion.errors import reported
 from diffusion.sampling.analytic import timesteps_for
 from diffusion.sampling.generate import check_room, distributed
+from diffusion.timesteps import StartWarning
 
 
 def sample(cfg: DictConfig) -> np.ndarray | None:
     """Draw cfg.n_samples images; write samples.npz (uint8 NHWC), grid.png, optionally PNGs, FID and a W&B run.
     Returns the images on the main process (None on the others). Everything that can be checked is checked before
     the first image is drawn; once samples.npz is written, a later error says where it is."""
-    with distributed() as dist:
+    with distributed() as dist, warnings.catch_warnings():
         check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
         source, model, schedule, trained, weights = run.load(cfg, device)
         sampler, spacing, shape = run.plan(cfg, model, schedule, source, device)
+        warnings.simplefilter("ignore", StartWarning)  # plan said it once; the sampler would say it again
         out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
         dist.on_main(check_room, cfg.n_samples, shape, out)
         after = run.prepare(dist, cfg, trained, shape)  # FID's reference, the logger: checked now

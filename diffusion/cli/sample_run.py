@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,9 @@ def plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
         if gamma_cache.takes_gamma(sampler):
             check = functools.partial(sampler, gamma=torch.zeros(schedule.T, dtype=torch.float64), data_var=1.0)
         ts = timesteps.make("even" if spacing in timesteps.GAMMA_SPACINGS else spacing, cfg.steps, schedule)
-        check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
+        with warnings.catch_warnings():  # make's StartWarning said it
+            warnings.simplefilter("ignore", timesteps.StartWarning)
+            check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
     except ValueError as error:
         raise UsageError(f"sampler options: {error}") from error
     wrap(cfg, model, ts)  # Skip-Tuning's and DeepCache's own checks, before anything is written

@@ -2,11 +2,11 @@
 ODE itself, four model calls per step.
 
 The ODE is the probability flow of Song et al. (2021) in DDIM's variables (Song et al. 2021, eq. 14): y = x / alpha
-stepped in lambda = log(alpha / sigma), where dy/dlambda = -e^-lambda eps(alpha y, t(lambda)) is smooth whatever the
-discrete schedule (DPM-Solver's change of variables, Lu et al. 2022). Between two timesteps RK4 calls the model at
-both ends and twice at the midpoint in lambda, a float timestep (sampling.core.between). After the last timestep the
-step to clean data is DDIM's: x0 from the model's eps, the Euler step in sigma / alpha, since lambda = +inf there.
-NFE = 4 (S - 1) + 1 for S timesteps.
+against rho = sigma / alpha, where dy/drho = eps(alpha y, t(rho)) whatever the discrete schedule. Between two
+timesteps RK4 calls the model at both ends and twice at the midpoint in rho, a float timestep (sampling.core.between).
+In rho one RK4 step is exact when eps is constant, as one DDIM step is; in lambda = -log rho it is not, and on the
+cosine schedule it did not converge at fourth order. After the last timestep the step to clean data is DDIM's: x0
+from the model's eps. NFE = 4 (S - 1) + 1 for S timesteps.
 
 Where we depart from the official code (luping-liu/PNDM, runner/method.py `gen_fon`): it measures each slope as a
 one-timestep DDIM difference (a pseudo slope, as PNDM's own methods) and, after three Runge-Kutta steps, steps by

@@ -127,7 +127,7 @@ def generate(
     for batch in outer:
         if prepare is not None:
             prepare()
-        inner.reset(total=inner.total)  # known after the first batch: every batch takes the same steps
+        inner.reset(total=inner.total)  # known after the first batch (an adaptive solver may take more or fewer)
         before = counted.calls
         noise = image_noise(seed, batch, shape).to(device)
         x0 = sampler(counted, noise, schedule, timesteps, generator=RowGenerators(seed, batch))
