@@ -70,7 +70,7 @@ def nfe_steps(row: Row, nfe: int) -> int | None:
 def exact_endpoint(model, x_T: Tensor, sched: Schedule, *, batch: int | None = None, tol: float = ENDPOINT_TOL):
     """The probability-flow ODE's endpoint of each x_T under `model`: PF at rtol = atol = `tol`, from the log-SNR
     grid's start (lambda >= -5.1: t = 995 on the cosine schedule, where the logsnr rows start) to t = 0, then x0."""
-    start = timesteps.logsnr(1, sched).to(x_T.device)
+    start = torch.tensor([timesteps.noisiest_usable(sched)], device=x_T.device)  # logsnr(1) would be T-1
     run = lambda x: sampling.pf(as_dtype(model), x, sched, start, rtol=tol, atol=tol)  # noqa: E731
     return torch.cat([run(x) for x in x_T.split(batch or len(x_T))])
 

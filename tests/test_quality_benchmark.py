@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.consistency_students import read_students  # noqa: E402
-from benchmarks.mixture_testbed import AT_MOST, Row, image_mixture, nfe_steps, table  # noqa: E402
+from benchmarks.mixture_testbed import AT_MOST, Row, exact_endpoint, image_mixture, nfe_steps, table  # noqa: E402
 from benchmarks.quality_vs_steps import (  # noqa: E402
     DEEPCACHE_ROWS,
     OWN_METHODS,
@@ -28,7 +28,7 @@ from benchmarks.quality_vs_steps import (  # noqa: E402
     skip_rho,
     skip_rows,
 )
-from diffusion import sampling  # noqa: E402
+from diffusion import sampling, timesteps  # noqa: E402
 from diffusion.errors import UsageError  # noqa: E402
 from diffusion.io.checkpoints import CheckpointError  # noqa: E402
 from diffusion.schedule import cosine, linear  # noqa: E402
@@ -298,3 +298,16 @@ def test_bad_input_gives_clear_errors(tmp_path):
             main([*argv, "--out", str(tmp_path)])
     with pytest.raises(UsageError, match="T=1000"):
         main(["--nfe", "1001", "--schedule", "linear", "--samples", "4", "--out", str(tmp_path), "--no-plot"])
+
+
+@pytest.mark.parametrize("make", [linear, cosine])
+def test_the_exact_endpoint_is_where_converged_log_snr_samplers_land(make):
+    """The reference starts where the log-SNR rows start (cosine: t = 995, the grid's cut; not T-1, whose extra
+    stretch of pure noise moves samples near a mode boundary to another mode): 100 UniPC-3 steps land on it."""
+    sched, data = make(T=1000), image_mixture()
+    x_T = torch.randn(400, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = exact_endpoint(data.model(sched), x_T, sched, tol=1e-7)
+    ts = timesteps.make("logsnr", 100, sched)
+    landed = sampling.unipc(data.model(sched), x_T, sched, ts, order=3)
+    assert ts[0] == timesteps.noisiest_usable(sched)
+    assert (landed - reference).flatten(1).abs().max() < 1e-3
