@@ -14,19 +14,22 @@ from torch.utils.data import Dataset, Subset
 from .data import ImageData, seed_of
 from .mixture import GaussianMixture
 
-__all__ = ["Synthetic", "Mixture"]
+__all__ = ["Synthetic", "Mixture", "COLOURS", "BACKGROUNDS", "RADII"]
 
 
 # ---------------------------------------------------------------- coloured shapes
 
 
+COLOURS = ((1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1))  # the shapes', in [-1, 1]
+BACKGROUNDS = (-0.8, 0.6)  # the two grey levels behind them
+RADII = (0.15, 0.35)  # a shape's radius, as a share of the image side (a square's half side is 0.85 of it)
+
+
 class Synthetic(ImageData):
     """Coloured discs and squares on plain backgrounds: a sample grid shows at a glance whether a model learned
-    them."""
+    them, and diffusion.evaluation.shapes measures it."""
 
-    COLOURS = torch.tensor(
-        [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], dtype=torch.float32
-    )
+    COLOURS = torch.tensor(COLOURS, dtype=torch.float32)
 
     def __init__(self, root: str = "", num_images: int = 10000, num_val: int = 256, **kwargs) -> None:
         super().__init__(root, **kwargs)
@@ -48,8 +51,8 @@ class _Shapes(Dataset):
         g = torch.Generator().manual_seed(seed_of(self.seed, i))
         u = torch.rand(5, generator=g)
         colour = Synthetic.COLOURS[torch.randint(len(Synthetic.COLOURS), (1,), generator=g)].view(3, 1, 1)
-        background = -0.8 if u[0] < 0.5 else 0.6
-        radius = 0.15 + 0.2 * u[1]
+        background = BACKGROUNDS[0] if u[0] < 0.5 else BACKGROUNDS[1]
+        radius = RADII[0] + (RADII[1] - RADII[0]) * u[1]
         cy, cx = radius + (1 - 2 * radius) * u[2], radius + (1 - 2 * radius) * u[3]
         dy, dx = (self.y - cy).abs(), (self.x - cx).abs()
         inside = (dy**2 + dx**2 <= radius**2) if u[4] < 0.5 else (torch.maximum(dy, dx) <= radius * 0.85)

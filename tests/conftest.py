@@ -46,6 +46,7 @@ TINY_RUN = [
     "data.num_workers=0",
     "data.batch_size=8",
     "trainer.max_steps=6",
+    "module.warmup_steps=2",  # below max_steps: the quickstart's cosine decay needs room
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",

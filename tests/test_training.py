@@ -169,3 +169,28 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert checkpoints.remove_stale_temporaries(tmp_path, tmp_path / "missing") == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, keep.name])
+
+
+def test_the_learning_rate_warms_up_then_stays_or_decays_to_zero_at_max_steps():
+    from diffusion.training.module import lr_factor
+
+    assert [lr_factor(s, warmup=4, total=None) for s in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    cosine = [lr_factor(s, warmup=4, total=14) for s in range(20)]
+    assert cosine[:3] == [0.25, 0.5, 0.75] and cosine[3] == 1.0  # the warm-up, then the top of the cosine
+    assert cosine[8] == pytest.approx(0.5) and cosine[13] == pytest.approx(0.0) and cosine[19] == 0.0  # half way, end
+    assert all(a >= b for a, b in zip(cosine[3:], cosine[4:], strict=False))
+
+
+def test_a_cosine_decay_needs_max_steps_beyond_the_warm_up(tmp_path):
+    from diffusion.errors import UsageError
+    from diffusion.schedule import linear
+    from diffusion.training.module import DiffusionModule
+    from diffusion.unet import UNet
+
+    net = UNet(in_channels=3, out_channels=3, resolution=8, ch=8, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
+               norm_groups=4)  # fmt: skip
+    with pytest.raises(UsageError, match="lr_decay='linear'"):
+        DiffusionModule(net, linear(T=10), torch.optim.Adam, lr_decay="linear")
+    module = DiffusionModule(net, linear(T=10), torch.optim.Adam, warmup_steps=10, lr_decay="cosine")
+    with pytest.raises(UsageError, match="trainer.max_steps"):
+        module.configure_optimizers()  # no trainer: no max_steps to decay to

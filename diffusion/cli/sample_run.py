@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import timesteps
 from ..errors import UsageError
-from ..evaluation import fid
+from ..evaluation import fid, shapes
 from ..images import grid, save_npz, save_png
 from ..io import checkpoints, gamma_cache, pretrained
 from ..sampling.consistency import ConsistencyModel, consistency_sampling
@@ -81,6 +81,10 @@ def write(images: np.ndarray, out: Path, cfg: DictConfig, stats: dict, after: di
         raise UsageError(f"another run wrote {out / 'samples.npz'} meanwhile: pass a new out_dir=PATH") from None
     print(f"NFE {stats['nfe']:g} per image, {stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s; "
           f"wrote {out}")  # fmt: skip
+    if (trained.get("data") or {}).get("_target_") == "diffusion.synthetic.Synthetic" and images.shape[-1] == 3:
+        stats["shape_score"] = shapes.shape_score(images)  # the quickstart's number (diffusion/evaluation/shapes.py)
+        print(f"shape score {100 * stats['shape_score']:.1f}%: the share of samples that are one solid shape of a "
+              "data colour on a flat background of a data level (the data: 100%)")  # fmt: skip
     try:
         if cfg.grid:
             save_png(grid(images[:256]), out / "grid.png")

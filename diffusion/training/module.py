@@ -4,6 +4,8 @@ its preview samples and its checkpoint state (the loss: diffusion.training.losse
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +52,17 @@ def check_objective(prediction: str, weighting: str, gamma: float, schedule: Sch
         )
 
 
+LR_DECAYS = ("none", "cosine")
+
+
+def lr_factor(step: int, *, warmup: int, total: int | None) -> float:
+    """The learning rate's multiplier at `step`: linear warm-up to 1 over `warmup` steps, then constant (total
+    None) or a half cosine down to 0 at `total`."""
+    if step + 1 < warmup or total is None:
+        return min(1.0, (step + 1) / warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step + 1 - warmup) / max(1, total - warmup))))
+
+
 class DivergenceError(UsageError):
     """Training stopped because the loss or the gradients stayed non-finite for too many steps in a row."""
 
@@ -66,6 +79,8 @@ class DiffusionModule(L.LightningModule):
         schedule: the noise schedule the network is trained under.
         optimizer: a partial optimizer, `optimizer(params) -> torch.optim.Optimizer` (Hydra's `_partial_`).
         warmup_steps: linear learning-rate warm-up from 0 (DDPM used 5000).
+        lr_decay: "none" (DDPM's constant rate after warm-up) or "cosine": down to 0 at the trainer's max_steps,
+            which a short run (the quickstart) needs to settle; the rate follows the step, so resume keeps it.
         ema_decay: decay of the weight average used for sampling (DDPM: 0.9999).
         grad_clip: max global gradient norm (DDPM: 1); None or 0 turns clipping off.
         max_bad_steps: non-finite steps in a row after which the run stops.
@@ -80,6 +95,7 @@ class DiffusionModule(L.LightningModule):
         schedule: Schedule,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 5000,
+        lr_decay: str = "none",
         ema_decay: float = 0.9999,
         grad_clip: float | None = 1.0,
         max_bad_steps: int = 20,
@@ -95,6 +111,8 @@ class DiffusionModule(L.LightningModule):
             raise UsageError(f"module.ema_decay={ema_decay} must be in [0, 1) (DDPM: 0.9999)")
         if max_bad_steps < 1:
             raise UsageError(f"module.max_bad_steps={max_bad_steps} must be >= 1")
+        if lr_decay not in LR_DECAYS:
+            raise UsageError(f"module.lr_decay={lr_decay!r}: choose one of {', '.join(LR_DECAYS)}")
         check_objective(prediction, loss_weight, snr_gamma, schedule)
         self.automatic_optimization = False
         self.model = model
@@ -102,6 +120,7 @@ class DiffusionModule(L.LightningModule):
         self.schedule = schedule
         self.optimizer = optimizer
         self.warmup_steps = warmup_steps
+        self.lr_decay = lr_decay
         self.ema_decay = ema_decay
         self.grad_clip = grad_clip or None
         self.max_bad_steps = max_bad_steps
@@ -199,8 +218,15 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         kwargs = {"fused": True} if self.fused else {}
         optimizer = self.optimizer(self.model.parameters(), **kwargs)
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        warmup, total = max(1, self.warmup_steps), None
+        if self.lr_decay == "cosine":
+            total = self.trainer.max_steps if self._trainer is not None else -1
+            if total is None or total <= warmup:
+                raise UsageError(f"module.lr_decay=cosine decays to 0 at trainer.max_steps, which is {total} here: "
+                                 f"set trainer.max_steps above module.warmup_steps={self.warmup_steps}")  # fmt: skip
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, warmup=warmup, total=total)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---------------------------------------------------------------- validation
