@@ -7,8 +7,7 @@ the exact mixture and the exact ODE endpoint of each x_T.
 
 Training runs (train.py, logged to CSV) go to --runs/<target>-<weighting>/ and are reused when their last.ckpt is
 there. Cells: Frechet distance to the mixture / paired RMS per pixel to the exact ODE endpoint (PF at rtol = atol =
-1e-8 under the exact predictor from the same x_T; the committed table: DPM-Solver++(2M) at 500 log-SNR steps, 1.7e-4
-from it) / share of samples on another mode than that endpoint.
+1e-8 under the exact predictor from the same x_T) / share of samples on another mode than that endpoint.
 Writes results/objectives_mixture.md and .png. On a GPU, the CIFAR-10 comparison is the same six runs of
 `python train.py data=cifar10 module.prediction=P module.loss_weight=W` (see docs/training.md).
 """

@@ -19,7 +19,9 @@ from train import train
 from .conftest import TINY_RUN, compose_config
 from .test_train import train_losses
 
-NO_EXPERIMENT = [o for o in TINY_RUN if not o.startswith(("experiment=", "model.", "data."))] + ["data.num_workers=0"]
+NO_EXPERIMENT = [o for o in TINY_RUN if not o.startswith(("experiment=", "model.", "data.", "optim.", "module."))] + [
+    "data.num_workers=0"
+]
 
 
 def saved_config(tmp: Path, *overrides: str) -> dict:

@@ -161,6 +161,18 @@ def test_fid_is_off_by_default(tmp_path):
     assert "val/fid" not in next(tmp_path.glob("csv/version_*/metrics.csv")).read_text()
 
 
+def test_the_quickstarts_learning_rate_warms_up_and_decays_to_zero_at_the_last_step(tmp_path):
+    """experiment=quickstart's own schedule (module.lr_decay=cosine), through train.py: the logged train/lr rises
+    over the warm-up, then falls to 0 at trainer.max_steps."""
+    module, _ = run(tmp_path, "module.lr_decay=cosine", "module.warmup_steps=2", "optim.lr=1e-3")
+    (path,) = tmp_path.glob("csv/version_*/metrics.csv")
+    lrs = [float(r["train/lr"]) for r in csv.DictReader(path.open()) if r.get("train/lr")]
+    # logged after each step's schedule update: the rate of the next step, the first the warm-up's top (step 2 of 2)
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(5e-4)  # half way down
+    assert all(a > b for a, b in zip(lrs[:4], lrs[1:5], strict=True)) and lrs[4] == lrs[5] == 0.0
+    assert module.optimizers().param_groups[0]["lr"] == 0.0
+
+
 # ---------------------------------------------------------------- bad input (multirun under DDP: tests/test_fsdp.py)
 
 

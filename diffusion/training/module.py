@@ -221,9 +221,9 @@ class DiffusionModule(L.LightningModule):
         warmup, total = max(1, self.warmup_steps), None
         if self.lr_decay == "cosine":
             total = self.trainer.max_steps if self._trainer is not None else -1
-            if total is None or total <= warmup:
+            if total is None or total < max(1, self.warmup_steps):
                 raise UsageError(f"module.lr_decay=cosine decays to 0 at trainer.max_steps, which is {total} here: "
-                                 f"set trainer.max_steps above module.warmup_steps={self.warmup_steps}")  # fmt: skip
+                                 f"set trainer.max_steps to at least module.warmup_steps={self.warmup_steps}")  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, warmup=warmup, total=total)
         )
