@@ -222,8 +222,8 @@ class DiffusionModule(L.LightningModule):
         if self.lr_decay == "cosine":
             total = self.trainer.max_steps if self._trainer is not None else -1
             if total is None or total < max(1, self.warmup_steps):
-                raise UsageError(f"module.lr_decay=cosine decays to 0 at trainer.max_steps, which is {total} here: "
-                                 f"set trainer.max_steps to at least module.warmup_steps={self.warmup_steps}")  # fmt: skip
+                raise UsageError(f"module.lr_decay=cosine decays to 0 at trainer.max_steps, which is {total} "
+                                 f"here: set it to at least module.warmup_steps={self.warmup_steps}")  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, warmup=warmup, total=total)
         )
