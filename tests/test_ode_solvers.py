@@ -170,7 +170,7 @@ def test_pf_under_deepcache_counts_calls(unet):
 @pytest.mark.parametrize("sampler", ["fon", "pf"])
 def test_a_zero_terminal_snr_start_is_refused(sampler):
     sched = S.linear(zero_terminal_snr=True)
-    with pytest.raises(ValueError, match="zero-terminal-SNR .* use sampler=ddim, dpm_solver or unipc"):
+    with pytest.raises(ValueError, match="zero-terminal-SNR .* use sampler=ddim, ddpm, dpm_solver or unipc"):
         getattr(sampling, sampler)(GAUSSIAN.model(sched), x_T(), sched, timesteps.trailing(5, 1000))
 
 

@@ -173,14 +173,19 @@ def nonfinite_message(cfg: DictConfig, n: int) -> str:
             f"diverged. Try {' or '.join(fixes) or 'other weights'}")  # fmt: skip
 
 
+def sampler_name(cfg: DictConfig) -> str:
+    """The sampler function's name, e.g. "dpm_solver" for diffusion.sampling.dpm_solver."""
+    return cfg.sampler._target_.rsplit(".", 1)[-1]
+
+
 def adaptive(cfg: DictConfig) -> bool:
     """Whether the sampler chooses its own steps (sampler=pf): `steps` and the spacing then only set its start."""
-    return cfg.sampler._target_.rsplit(".", 1)[-1] == "pf"
+    return sampler_name(cfg) == "pf"
 
 
 def describe(cfg: DictConfig, spacing: str) -> str:
     """e.g. "dpm_solver, 20 logsnr steps (the sampler's own: the DPM-Solver code's logSNR grid; spacing= to choose)"."""
-    name = cfg.sampler._target_.rsplit(".", 1)[-1]
+    name = sampler_name(cfg)
     skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
     if adaptive(cfg):

@@ -43,7 +43,7 @@ def passes(image: np.ndarray) -> bool:
     if np.mean(np.abs(border - background[:, None]).max(0) <= COLOUR_TOL) < BORDER_FLAT:
         return False
     off = np.abs(image - background[:, None, None]).max(0) > COLOUR_TOL
-    labels, n = ndimage.label(off, structure=np.ones((3, 3)))
+    labels, _ = ndimage.label(off, structure=np.ones((3, 3)))
     sizes = np.bincount(labels.ravel())[1:]
     if (sizes > SPECK).sum() != 1:
         return False

@@ -33,7 +33,7 @@ from ..schedule import Schedule, eps_from_x0, half_log_snr, x0_from_eps
 from ..timesteps import check_start
 
 __all__ = ["Model", "NoiseSource", "Generator", "Step", "steps", "t_batch", "denoise", "predict_x0", "ddim_step",
-           "randn_like", "half_log_snr", "between"]  # fmt: skip
+           "randn_like", "half_log_snr", "between", "refuse_pure_noise_start"]  # fmt: skip
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Step = tuple[int, int, float, float]  # (t, s, abar_t, abar_s)
@@ -147,3 +147,11 @@ def between(schedule: Schedule, lam: float, x: Tensor) -> tuple[Tensor, float]:
     between the schedule's integers (Schedule.time_of), where the ODE solvers (fon, pf) evaluate the model."""
     t = schedule.time_of(torch.tensor([lam], dtype=torch.float64, device=x.device))
     return t.expand(len(x)), 1 / (1 + math.exp(-2 * lam))
+
+
+def refuse_pure_noise_start(trajectory: Sequence[Step], why: str) -> None:
+    """ValueError where the first timestep is pure noise (alpha_bar = 0: zero terminal SNR), which a sampler that
+    steps in x / alpha, sigma / alpha or lambda cannot start from; `why` says what breaks there."""
+    if trajectory[0][2] == 0:
+        raise ValueError(f"{why} at this start (a zero-terminal-SNR schedule): use sampler=ddim, ddpm, dpm_solver or "
+                         "unipc, which take the model's x0 there")  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import Schedule
-from .core import Generator, Model, between, denoise, steps, t_batch
+from .core import Generator, Model, between, denoise, refuse_pure_noise_start, steps, t_batch
 
 __all__ = ["fon"]
 
@@ -33,11 +33,7 @@ def fon(model: Model, x: Tensor, schedule: Schedule, timesteps: Tensor, *, gener
     """Classical RK4 on the probability-flow ODE dy = eps d rho (y = x / alpha, rho = sigma / alpha) between
     consecutive timesteps, then DDIM's step to clean data. Deterministic; NFE = 4 (S - 1) + 1."""
     trajectory, _ = steps(schedule, timesteps)
-    if trajectory[0][2] == 0:
-        raise ValueError(
-            "FON steps the ODE in rho = sigma / alpha, which is infinite at this start (a zero-terminal-SNR "
-            "schedule): use sampler=ddim, dpm_solver or unipc, which take the model's x0 there"
-        )
+    refuse_pure_noise_start(trajectory, "FON steps the ODE in rho = sigma / alpha, which is infinite")
     for t, s, abar_t, abar_s in trajectory[:-1]:
         rho_t, rho_s = _rho(abar_t), _rho(abar_s)
         h = rho_s - rho_t

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import Schedule
-from .core import Generator, Model, between, denoise, half_log_snr, steps, t_batch
+from .core import Generator, Model, between, denoise, half_log_snr, refuse_pure_noise_start, steps, t_batch
 
 __all__ = ["pf", "METHODS"]
 
@@ -50,11 +50,7 @@ def pf(
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)} (scipy's explicit Runge-Kutta pairs)")
     trajectory, abar = steps(schedule, timesteps)
-    if trajectory[0][2] == 0:
-        raise ValueError(
-            "PF integrates in lambda = log(alpha / sigma), which is -inf at this start (a zero-terminal-SNR "
-            "schedule): use sampler=ddim, dpm_solver or unipc, which take the model's x0 there"
-        )
+    refuse_pure_noise_start(trajectory, "PF integrates in lambda = log(alpha / sigma), which is -inf")
     shape, dtype, device = x.shape, x.dtype, x.device
 
     def velocity(lam: float, flat: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import Schedule
-from .core import Generator, Model, ddim_step, steps, t_batch
+from .core import Generator, Model, ddim_step, refuse_pure_noise_start, steps, t_batch
 
 __all__ = ["pndm", "s_pndm", "plms"]
 
@@ -38,11 +38,7 @@ def _pndm(
     so the final step is always a multistep one (of the order its history allows), even within the warm-up.
     """
     trajectory, abar = steps(schedule, timesteps)
-    if trajectory[0][2] == 0:
-        raise ValueError(
-            "PNDM's transfer divides by sqrt(alpha_bar), which is 0 at this start (a zero-terminal-SNR schedule): "
-            "use sampler=ddim, ddpm, dpm_solver or unipc, which take the model's x0 there"
-        )
+    refuse_pure_noise_start(trajectory, "PNDM's transfer divides by sqrt(alpha_bar), which is 0")
     n_warmup = 3 if warmup == "rk" else 1
     history: list[Tensor] = []
     for i, (t, s, abar_t, abar_s) in enumerate(trajectory):

@@ -221,7 +221,7 @@ class DiffusionModule(L.LightningModule):
         warmup, total = max(1, self.warmup_steps), None
         if self.lr_decay == "cosine":
             total = self.trainer.max_steps if self._trainer is not None else -1
-            if total is None or total < max(1, self.warmup_steps):
+            if total is None or total < warmup:
                 raise UsageError(f"module.lr_decay=cosine decays to 0 at trainer.max_steps, which is {total} "
                                  f"here: set it to at least module.warmup_steps={self.warmup_steps}")  # fmt: skip
         schedule = torch.optim.lr_scheduler.LambdaLR(
