@@ -165,14 +165,15 @@ def gamma_of(model, data: GaussianMixture, sched: Schedule, M: int, seed: int, d
 def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, columns: Sequence[int], n: int, *,
           steps: Callable[[Row, int], int | None] = lambda row, c: c, seed: int = 0, batch: int | None = None,
           device: str = "cpu", keep: bool = False, exact: dict | None = None, endpoint: float = 0.0,
-          gamma_m: int = 1000) -> dict:  # fmt: skip
+          gamma_m: int = 1000, reference: Tensor | None = None) -> dict:  # fmt: skip
     """Every row at every column: {"cells": {(row index, column): Cell}, "blank": {(row index, column): why},
-    "floor", "seconds", "gamma_seconds"}, with "samples": {(base_key(row), steps): samples} if `keep`.
+    "floor", "seconds", "gamma_seconds", "reference"}, with "samples": {(base_key(row), steps): samples} if `keep`.
 
     Args:
         steps: the step count of a row in a column (default: the column itself), None for a blank cell.
         exact: the "samples" of the exact predictor's table: each cell is paired with its twin there.
         endpoint: if > 0, pair each cell with the ODE endpoint of `model` (`exact_endpoint`, PF at that tolerance).
+        reference: that endpoint, as an earlier table on the same model, x_T and tolerance returned it (not rerun).
     """
     start = time.perf_counter()
     x_T = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -180,9 +181,9 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
     analytic_rows = any(map(takes_gamma, rows))
     gamma, data_var = gamma_of(model, data, sched, gamma_m, seed, device) if analytic_rows else (None, None)
     gamma_seconds = time.perf_counter() - start
-    reference = None
-    if endpoint:
+    if endpoint and reference is None:
         reference = exact_endpoint(model, x_T, sched, batch=batch, tol=endpoint)
+    reference = reference if endpoint else None
     cells, blank, samples = {}, {}, {}
     jobs = [(i, c) for i in range(len(rows)) for c in columns]
     for i, c in (bar := tqdm(jobs, desc="cells", unit="cell", leave=False)):
@@ -205,7 +206,7 @@ def table(rows: Sequence[Row], model, data: GaussianMixture, sched: Schedule, co
             cells[i, c].paired = paired(data, out, twin)
     seconds = time.perf_counter() - start
     result = {"cells": cells, "blank": blank, "floor": noise_floor(data, n, seed), "seconds": seconds,
-              "gamma_seconds": gamma_seconds}  # fmt: skip
+              "gamma_seconds": gamma_seconds, "reference": reference}  # fmt: skip
     return result | ({"samples": samples} if keep else {})
 
 

@@ -354,7 +354,7 @@ def _main(args: argparse.Namespace) -> dict[str, dict]:
         result = table(rows, model, data, sched, args.nfe, args.samples, keep=keep, exact=exact, endpoint=endpoint,
                        **opts)  # fmt: skip
         pf = table(PF_ROWS, model, data, sched, (0,), args.samples, keep=keep, exact=exact, endpoint=endpoint,
-                   **(opts | {"steps": lambda row, c: 2}))  # fmt: skip
+                   reference=result["reference"], **(opts | {"steps": lambda row, c: 2}))  # fmt: skip
         if keep:
             exact = result.pop("samples") | pf.pop("samples")  # large: not returned
         timing = (f"Run time: {result['seconds'] + pf['seconds']:.0f} s on this CPU ({result['gamma_seconds']:.0f} s "
