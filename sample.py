@@ -9,7 +9,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from diffusion.cli import runs
+from diffusion.cli import conditioning, runs
 from diffusion.cli import sample_run as run
 from diffusion.cli.options import check_options
 from diffusion.errors import reported
@@ -26,21 +26,25 @@ def sample(cfg: DictConfig) -> np.ndarray | None:
         check_options(cfg, dist.world)  # before anything is loaded
         device = dist.device(cfg.device)
         source, model, schedule, trained, weights = run.load(cfg, device)
-        sampler, spacing, shape = run.plan(cfg, model, schedule, source, device)
+        num_classes = conditioning.check_sampling(cfg, model, source)  # labels and guidance the model can take
+        guide = conditioning.load_guide(cfg, model, schedule, device)  # autoguidance's weaker model, if any
+        sampler, spacing, shape = run.plan(cfg, model, schedule, source, device, guide)
         warnings.simplefilter("ignore", StartWarning)  # plan said it once; the sampler would say it again
         out = dist.on_main(runs.claim_out_dir, cfg.out_dir, cfg.overwrite)  # rank 0's folder, free of old samples
         dist.on_main(check_room, cfg.n_samples, shape, out)
         after = run.prepare(dist, cfg, trained, shape)  # FID's reference, the logger: checked now
         sampler, gamma = run.with_gamma(dist, cfg, sampler, model, schedule, trained, weights, source, device)
         ts = timesteps_for(spacing, cfg.steps, schedule, gamma)
-        net = run.wrap(cfg, model, ts)  # DeepCache, Skip-Tuning, autocast: no sampler knows about them
+        # DeepCache, Skip-Tuning, autocast, labels and guidance: no sampler knows about them
+        net = run.wrap(cfg, model, ts, guide, schedule)
+        labels = None if num_classes is None else conditioning.image_labels(cfg.labels, num_classes, cfg.n_samples)
         if dist.is_main:
             print(f"sampling {cfg.n_samples} images from {source} with {run.describe(cfg, spacing)} on {device} "
                   f"-> {out}")  # fmt: skip
-        images, stats = run.draw(dist, net, sampler, schedule, ts, shape, cfg, device)
+        images, stats = run.draw(dist, net, sampler, schedule, ts, shape, cfg, device, labels)
         if not dist.is_main:
             return None
-    run.write(images, out, cfg, stats, after, source, trained, spacing)
+    run.write(images, out, cfg, stats, after, source, trained, spacing, conditioning.as_array(labels))
     return images
 
 

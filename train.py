@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.cli import loggers, resume
+from diffusion.cli import conditioning, loggers, resume
 from diffusion.cli.launch import job_environment
 from diffusion.cli.options import check_optimizer, check_train_options
 from diffusion.cli.runs import run_token  # noqa: F401 (registers ${run_token:} for conf/train.yaml's run folders)
@@ -39,6 +39,9 @@ def train(cfg: DictConfig) -> DiffusionModule:
     check_train_options(cfg)
     teacher = adopt_teacher(cfg, resume.explicit_keys(overrides or [])) if cfg.get("consistency") else None
     build = resume.builder(cfg, from_file | ({"model", "schedule"} if teacher is not None else set()))
+    conditioning.prepare_data(cfg)  # conditional=true: labelled batches, and the UNet takes the data's classes
+    data = build("data")
+    conditioning.wire_model(cfg, data)
     config = OmegaConf.to_container(cfg, resolve=True)  # saved in every checkpoint
     optimizer = check_optimizer(build("optim"))
     plan = precision.plan_step(cfg.trainer, cfg.module, optimizer)  # refuses what would crash at step 1
@@ -67,7 +70,7 @@ def train(cfg: DictConfig) -> DiffusionModule:
         plugins=[checkpoints.AtomicCheckpointIO()],
     )  # fmt: skip
     try:
-        trainer.fit(module, datamodule=build("data"), ckpt_path=cfg.resume)
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     finally:
         loggers.finish_wandb()
     return module

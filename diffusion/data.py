@@ -1,15 +1,17 @@
 """DataModules for image files: CIFAR-10, CelebA 64x64, a folder of images (built-in data: diffusion.synthetic).
 
-Every module yields image batches [B, C, H, W] in [-1, 1], no labels. Training reads an endless stream whose
-order (and flips) depend only on the seed and the position in the stream, so a resumed run picks up exactly
-where it stopped, on any number of processes.
+Every module yields image batches [B, C, H, W] in [-1, 1]; with `conditional=True`, (images, labels int64 [B])
+pairs, the labels from `labels()` (CIFAR-10's classes, a folder's class sub-folders, a CelebA attribute, the
+built-in shape or mixture mode). Training reads an endless stream whose order (and flips) depend only on the seed
+and the position in the stream, so a resumed run picks up exactly where it stopped, on any number of processes,
+labels and all.
 """
 
 from __future__ import annotations
 
 import math
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,15 +96,31 @@ class StreamSampler(Sampler):
 
 
 class _Flipped(Dataset):
-    """Training view of a dataset: item (i, flip) is image i, mirrored left-right when flip is set."""
+    """Training view of a dataset: item (i, flip) is image i (or its (image, label) pair), mirrored left-right when
+    flip is set."""
 
     def __init__(self, images: Dataset) -> None:
         self.images = images
 
-    def __getitem__(self, key: tuple[int, bool]) -> Tensor:
+    def __getitem__(self, key: tuple[int, bool]) -> Tensor | tuple[Tensor, int]:
         i, flip = key
-        x = self.images[i]
-        return x.flip(-1) if flip else x
+        item = self.images[i]
+        if isinstance(item, tuple):
+            return (item[0].flip(-1) if flip else item[0], item[1])
+        return item.flip(-1) if flip else item
+
+
+class _Labelled(Dataset):
+    """(image i, label i) pairs from a dataset of images and a sequence of labels aligned with it."""
+
+    def __init__(self, images: Dataset, labels: Sequence[int]) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
 
 
 # ---------------------------------------------------------------- the shared DataModule
@@ -115,18 +133,40 @@ class ImageData(L.LightningDataModule):
         root: where the files are.
         batch_size: per process.
         hflip: random horizontal flips for training (drawn from the stream, so resuming replays them).
+        conditional: yield (images, labels) batches (train.py conditional=true sets it).
     """
 
-    def __init__(self, root: str, image_size: int, channels: int = 3, batch_size: int = 128,
-                 num_workers: int = 4, seed: int = 0, hflip: bool = True) -> None:  # fmt: skip
+    def __init__(self, root: str, image_size: int, channels: int = 3, batch_size: int = 128, num_workers: int = 4,
+                 seed: int = 0, hflip: bool = True, conditional: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.root, self.image_size, self.channels = Path(root), image_size, channels
         self.batch_size, self.num_workers, self.seed, self.hflip = batch_size, num_workers, seed, hflip
+        self.conditional = bool(conditional)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     def build(self) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
+
+    def classes(self) -> list[str]:
+        """The class names, label k naming class k (a dataset without labels refuses conditional training)."""
+        raise UsageError(f"{type(self).__name__} has no class labels to train on: drop conditional=true")
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        """The labels of the built training and validation sets, aligned with their images."""
+        raise UsageError(f"{type(self).__name__} has no class labels to train on: drop conditional=true")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes())
+
+    def _sets(self) -> tuple[Dataset, Dataset]:
+        """The training and validation sets as the loaders read them: images, or (image, label) pairs."""
+        self.setup()
+        if not self.conditional:
+            return self.train_set, self.val_set
+        train, val = self.labels()
+        return _Labelled(self.train_set, train), _Labelled(self.val_set, val)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -141,16 +181,16 @@ class ImageData(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size, consumed
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
+        train, _ = self._sets()
         rank, world, consumed = self._placement()
-        sampler = StreamSampler(len(self.train_set), self.seed, rank, world, start=consumed, flip=self.hflip)
-        return self._loader(_Flipped(self.train_set), sampler=sampler, drop_last=True)
+        sampler = StreamSampler(len(train), self.seed, rank, world, start=consumed, flip=self.hflip)
+        return self._loader(_Flipped(train), sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
+        _, val = self._sets()
         rank, world, _ = self._placement()
         # Equal shards (up to world - 1 images scored twice); the logged loss is averaged across ranks.
-        return self._loader(Subset(self.val_set, shard(len(self.val_set), rank, world)))
+        return self._loader(Subset(val, shard(len(val), rank, world)))
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(
@@ -208,6 +248,15 @@ class CIFAR10(ImageData):
             raise self._missing(f"missing or corrupted{hint}") from None
         return _Images(train), _Images(test)
 
+    CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+    def classes(self) -> list[str]:
+        return list(self.CLASSES)
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        self.setup()
+        return self.train_set.labelled.targets, self.val_set.labelled.targets
+
 
 class _Images(Dataset):
     """Drops the labels of an (image, label) dataset."""
@@ -230,9 +279,40 @@ class CelebA(ImageData):
     resized. Reads `<root>/celeba/img_align_celeba/` and `<root>/celeba/list_eval_partition.txt`, the layout
     torchvision uses, without its other annotation files (partition 0 trains, 1 validates).
 
-    A truncated or corrupt image stops training with an UnreadableImageError naming it, as in ImageFolder."""
+    A truncated or corrupt image stops training with an UnreadableImageError naming it, as in ImageFolder.
+
+    Conditional training (conditional=true) conditions on one of the 40 attributes of `list_attr_celeba.txt`
+    (beside the partition file), chosen by `attribute` (e.g. Smiling): label 1 where the image has it, 0 where not."""
 
     PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+
+    def __init__(self, root: str, attribute: str | None = None, **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self.attribute = attribute
+        if self.conditional and not attribute:
+            raise ValueError("conditional CelebA conditions on one attribute: pass data.attribute=NAME (e.g. Smiling, "
+                             "Male, Eyeglasses: a column of list_attr_celeba.txt)")  # fmt: skip
+
+    def classes(self) -> list[str]:
+        return [f"not {self.attribute}", str(self.attribute)]
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        self.setup()
+        path = self.root / "celeba" / "list_attr_celeba.txt"
+        if not path.is_file():
+            raise DataNotFoundError(f"conditional CelebA reads its attributes from {path}: get list_attr_celeba.txt "
+                                    f"from {self.PAGE} and put it beside list_eval_partition.txt")  # fmt: skip
+        lines = [line.split() for line in path.read_text().split("\n")[1:] if line.strip()]
+        names = lines[0]
+        if self.attribute not in names:
+            raise UsageError(f"data.attribute={self.attribute!r} is not a CelebA attribute: choose one of "
+                             f"{', '.join(names)}")  # fmt: skip
+        column = names.index(self.attribute) + 1  # after the file name
+        has = {row[0]: int(row[column]) > 0 for row in lines[1:]}
+        try:
+            return tuple([int(has[p.name]) for p in files.paths] for files in (self.train_set, self.val_set))
+        except KeyError as missing:
+            raise DataNotFoundError(f"{path} has no row for {missing}: is the file complete?") from None
 
     def build(self) -> tuple[Dataset, Dataset]:
         folder, partition = self.root / "celeba" / "img_align_celeba", self.root / "celeba" / "list_eval_partition.txt"
@@ -292,11 +372,36 @@ class ImageFolder(ImageData):
     seeded `val_fraction` of the files is held out for the validation loss.
 
     A file that cannot be decoded stops training with an UnreadableImageError naming it, not skipped: skipping
-    would silently shrink the dataset and shift the resumable stream, and a bad file means an incomplete copy."""
+    would silently shrink the dataset and shift the resumable stream, and a bad file means an incomplete copy.
+
+    Conditional training (conditional=true) reads the classes as torchvision's ImageFolder does: each sub-folder
+    of `root` is a class, label k the k-th in sorted order, and every image must lie inside one."""
 
     def __init__(self, root: str, val_fraction: float = 0.01, **kwargs) -> None:
         super().__init__(root, **kwargs)
         self.val_fraction = val_fraction
+
+    def classes(self) -> list[str]:
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        if len(found) < 2:
+            raise DataNotFoundError(f"conditional data=folder needs one sub-folder per class in {self.root}, and "
+                                    f"found {len(found)}: put each class's images in root/<class name>/")  # fmt: skip
+        return found
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        self.setup()
+        index = {name: k for k, name in enumerate(self.classes())}
+        labelled = []
+        for files in (self.train_set, self.val_set):
+            rows = []
+            for path in files.paths:
+                top = path.relative_to(self.root).parts[0]
+                if top not in index:
+                    raise UsageError(f"{path} lies in no class sub-folder of {self.root}: move it into one, or "
+                                     "train without conditional=true")  # fmt: skip
+                rows.append(index[top])
+            labelled.append(rows)
+        return labelled[0], labelled[1]
 
     def build(self) -> tuple[Dataset, Dataset]:
         paths = (

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["to_uint8", "grid", "save_png", "save_npz"]
+__all__ = ["to_uint8", "grid", "class_grid", "save_png", "save_npz"]
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -33,6 +33,15 @@ def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarr
     return out
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 16, pad: int = 2) -> np.ndarray:
+    """One row per class present in `labels` [B] (in label order), its first `per_class` images (fewer where every
+    class has fewer), as `grid` tiles them."""
+    classes = np.unique(labels)
+    cols = min(per_class, min(int((labels == k).sum()) for k in classes))
+    rows = [images[labels == k][:cols] for k in classes]
+    return grid(np.concatenate(rows), ncols=cols, pad=pad)
+
+
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write one uint8 [H, W, C] image (C = 1 or 3) as PNG, creating the folder."""
     path = Path(path)
@@ -41,8 +50,10 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_npz(images: np.ndarray, path: str | os.PathLike, *, replace: bool = True) -> Path:
-    """Write uint8 [N, H, W, C] images as `arr_0` of an .npz (the format of FID tools), atomically.
+def save_npz(images: np.ndarray, path: str | os.PathLike, *, replace: bool = True,
+             labels: np.ndarray | None = None) -> Path:  # fmt: skip
+    """Write uint8 [N, H, W, C] images as `arr_0` of an .npz (the format of FID tools), and their class labels [N]
+    as `arr_1` (guided-diffusion's layout) if given, atomically.
 
     The temporary file is unique to this call (pid and a random token), so runs writing into one folder never
     share it, and it is removed if writing fails. `replace=False` never replaces an existing file: another run
@@ -52,7 +63,7 @@ def save_npz(images: np.ndarray, path: str | os.PathLike, *, replace: bool = Tru
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
-            np.savez(f, images)
+            np.savez(f, images) if labels is None else np.savez(f, images, labels)
         if replace:
             os.replace(tmp, path)
         else:

@@ -61,15 +61,43 @@ class GaussianMixture:
         """The shape of one data point."""
         return tuple(self.means.shape[1:])
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n exact samples [n, *shape], float64."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: bool = False) -> Tensor:
+        """n exact samples [n, *shape], float64; with `labels`, (samples, their components k [n]) of the same draw."""
+        k = self.components(n, generator)
         noise = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
-        return self.means[k] + self.std[k].view(-1, *[1] * len(self.shape)) * noise
+        x = self.means[k] + self.std[k].view(-1, *[1] * len(self.shape)) * noise
+        return (x, k) if labels else x
+
+    def components(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """The components k [n] of n draws: the first draw `sample` makes from `generator`."""
+        return torch.multinomial(self.weights, n, replacement=True, generator=generator)
+
+    def component(self, k: int) -> GaussianMixture:
+        """Component k alone, as a mixture of one (its Frechet distance, its samples)."""
+        return GaussianMixture(self.means[k : k + 1], self.weights[k : k + 1], self.std[k : k + 1])
 
     # ---------------------------------------------------------------- the exact noise predictor
-    def eps(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-        """E[eps | x_t = x] for x [B, *shape] at int64 timesteps t [B], computed in float64, returned in x's dtype."""
+    def eps(self, x: Tensor, t: Tensor, schedule: Schedule, y: Tensor | None = None) -> Tensor:
+        """E[eps | x_t = x] for x [B, *shape] at int64 timesteps t [B], computed in float64, returned in x's dtype.
+        With labels y [B]: E[eps | x_t, k = y] for rows with 0 <= y < K (one Gaussian's), the mixture's for y = K
+        ("no label"): the exact conditional and unconditional predictors classifier-free guidance combines."""
+        xf, mu, abar, v, r = self._posterior(x, t, schedule, y)
+        c = r / v  # r_k / v_k
+        eps = (1 - abar).sqrt() * (xf * c.sum(1, keepdim=True) - abar.sqrt() * (c @ mu))
+        return eps.reshape(x.shape).to(x.dtype)
+
+    def x0(self, x: Tensor, t: Tensor, schedule: Schedule, y: Tensor | None = None) -> Tensor:
+        """E[x0 | x_t = x] for x [B, *shape] at int64 t [B], directly (exact also at alpha_bar = 0, where it is the
+        mixture's mean): sum_k r_k (mu_k + sqrt(abar) s_k^2 / v_k (x - sqrt(abar) mu_k)). Float64 inside; labels y
+        as in `eps`."""
+        xf, mu, abar, v, r = self._posterior(x, t, schedule, y)
+        gain = abar.sqrt() * self.std.to(xf.device) ** 2 / v  # [B, K]: how much of x_t's deviation each keeps
+        mean = r @ mu + (r * gain).sum(1, keepdim=True) * xf - ((r * gain * abar.sqrt()) @ mu)
+        return mean.reshape(x.shape).to(x.dtype)
+
+    def _posterior(self, x: Tensor, t: Tensor, schedule: Schedule, y: Tensor | None) -> tuple[Tensor, ...]:
+        """(x [B, D], means [K, D], abar [B, 1], v_k [B, K], responsibilities r_k(x_t) [B, K]), float64; a label y
+        in [0, K) puts all the weight on its component, y = K (or None) leaves the mixture's posterior."""
         xf = x.reshape(len(x), -1).double()
         mu = self.means.reshape(len(self.means), -1).to(xf.device)
         abar = schedule.alpha_bar(t).to(xf.device).view(-1, 1)  # [B, 1]
@@ -77,28 +105,24 @@ class GaussianMixture:
         # log N(x; sqrt(abar) mu_k, v_k I) up to a constant; ||x - a mu||^2 expanded to avoid a [B, K, D] tensor
         dist2 = (xf**2).sum(1, keepdim=True) - 2 * abar.sqrt() * (xf @ mu.T) + abar * (mu**2).sum(1)
         logits = self.weights.to(xf.device).log() - 0.5 * xf.shape[1] * v.log() - dist2.clamp(min=0) / (2 * v)
-        c = logits.softmax(dim=1) / v  # r_k / v_k
-        eps = (1 - abar).sqrt() * (xf * c.sum(1, keepdim=True) - abar.sqrt() * (c @ mu))
-        return eps.reshape(x.shape).to(x.dtype)
-
-    def x0(self, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-        """E[x0 | x_t = x] for x [B, *shape] at int64 t [B], directly (exact also at alpha_bar = 0, where it is the
-        mixture's mean): sum_k r_k (mu_k + sqrt(abar) s_k^2 / v_k (x - sqrt(abar) mu_k)). Float64 inside."""
-        xf = x.reshape(len(x), -1).double()
-        mu = self.means.reshape(len(self.means), -1).to(xf.device)
-        abar = schedule.alpha_bar(t).to(xf.device).view(-1, 1)
-        std2 = self.std.to(xf.device) ** 2
-        v = abar * std2 + (1 - abar)
-        dist2 = (xf**2).sum(1, keepdim=True) - 2 * abar.sqrt() * (xf @ mu.T) + abar * (mu**2).sum(1)
-        logits = self.weights.to(xf.device).log() - 0.5 * xf.shape[1] * v.log() - dist2.clamp(min=0) / (2 * v)
-        r = logits.softmax(dim=1)  # [B, K]
-        gain = abar.sqrt() * std2 / v  # [B, K]: how much of x_t's deviation each component's posterior keeps
-        mean = r @ mu + (r * gain).sum(1, keepdim=True) * xf - ((r * gain * abar.sqrt()) @ mu)
-        return mean.reshape(x.shape).to(x.dtype)
+        if y is not None:
+            y = torch.as_tensor(y, device=xf.device).reshape(-1, 1)
+            k = torch.arange(len(mu), device=xf.device)
+            logits = logits.masked_fill((y < len(mu)) & (k != y), float("-inf"))
+        return xf, mu, abar, v, logits.softmax(dim=1)
 
     def model(self, schedule: Schedule) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact noise predictor as a sampler's `model(x, t) -> eps`."""
         return partial(self.eps, schedule=schedule)
+
+    def conditional(self, schedule: Schedule) -> Callable[..., Tensor]:
+        """The exact class-conditional noise predictor `net(x, t, y=None) -> eps`, one class per component (label K
+        or None: the mixture), as a conditional network is called (diffusion.wrappers.guidance)."""
+
+        def net(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+            return self.eps(x, t, schedule, y)
+
+        return net
 
     def predictor(self, schedule: Schedule, prediction: str) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact network for a prediction target (eps, x0, or v = alpha eps - sigma x0), as `net(x, t)`."""

@@ -7,6 +7,8 @@ worker, so these sets behave like files on disk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -40,6 +42,14 @@ class Synthetic(ImageData):
         val = range(self.num_images, self.num_images + self.num_val)
         return Subset(shapes, range(self.num_images)), Subset(shapes, val)
 
+    def classes(self) -> list[str]:
+        return ["disc", "square"]
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        """The shape of each image (0: disc, 1: square), drawn as its image draws it."""
+        self.setup()
+        return tuple(Subset(_ShapeLabels(self.seed), s.indices) for s in (self.train_set, self.val_set))
+
 
 class _Shapes(Dataset):
     def __init__(self, size: int, channels: int, seed: int) -> None:
@@ -49,7 +59,7 @@ class _Shapes(Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         g = torch.Generator().manual_seed(seed_of(self.seed, i))
-        u = torch.rand(5, generator=g)
+        u = torch.rand(5, generator=g)  # _ShapeLabels reads u[4], the shape, from the same draw
         colour = Synthetic.COLOURS[torch.randint(len(Synthetic.COLOURS), (1,), generator=g)].view(3, 1, 1)
         background = BACKGROUNDS[0] if u[0] < 0.5 else BACKGROUNDS[1]
         radius = RADII[0] + (RADII[1] - RADII[0]) * u[1]
@@ -58,6 +68,14 @@ class _Shapes(Dataset):
         inside = (dy**2 + dx**2 <= radius**2) if u[4] < 0.5 else (torch.maximum(dy, dx) <= radius * 0.85)
         image = torch.where(inside, colour, torch.full((3, 1, 1), background))
         return image if self.channels == 3 else image.mean(0, keepdim=True).expand(self.channels, -1, -1).clone()
+
+
+class _ShapeLabels(Dataset):
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __getitem__(self, i: int) -> int:
+        return int(torch.rand(5, generator=torch.Generator().manual_seed(seed_of(self.seed, i)))[4] >= 0.5)
 
 
 # ---------------------------------------------------------------- a Gaussian mixture of images
@@ -93,6 +111,23 @@ class Mixture(ImageData):
         images = _MixtureImages(self.distribution(), self.seed)
         val = range(self.num_images, self.num_images + self.num_val)
         return Subset(images, range(self.num_images)), Subset(images, val)
+
+    def classes(self) -> list[str]:
+        return [f"mode {k}" for k in range(self.num_modes)]
+
+    def labels(self) -> tuple[Sequence[int], Sequence[int]]:
+        """The mode each image was drawn from (one class per mode), drawn as its image draws it."""
+        self.setup()
+        modes = _MixtureModes(self.distribution(), self.seed)
+        return tuple(Subset(modes, s.indices) for s in (self.train_set, self.val_set))
+
+
+class _MixtureModes(Dataset):
+    def __init__(self, mixture: GaussianMixture, seed: int) -> None:
+        self.mixture, self.seed = mixture, seed
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.mixture.components(1, torch.Generator().manual_seed(seed_of(self.seed, i)))[0])
 
 
 class _MixtureImages(Dataset):

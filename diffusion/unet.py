@@ -13,6 +13,10 @@ DeepCache (Ma et al. 2023) can run the shallow pieces around a cached deep featu
 Skip-Tuning (diffusion/wrappers/skiptuning.py) can scale the skips through `up_level`'s `rho` (1 by default: no
 multiply).
 
+With `num_classes`, a class embedding is added to the time embedding before its SiLU (as ADM and diffusers'
+`num_class_embeds` do), with one extra row, index `num_classes`, for "no label": one network is both conditional
+and unconditional (classifier-free guidance, Ho & Salimans 2022; diffusion/wrappers/guidance.py).
+
 Numerics follow the released DDPM checkpoints (and diffusers' UNet2DModel with the google/ddpm-* configs):
 GroupNorm eps 1e-6, TF "SAME" padding on the stride-2 conv, sinusoid frequencies spaced log(1e4) / (half - 1).
 """
@@ -138,6 +142,8 @@ class UNet(nn.Module):
         resolution: the training image size; it decides where attention goes.
         norm_groups: GroupNorm groups. Keep >= 2 channels per group: a group of one channel cancels the
             per-channel time shift a ResBlock adds, and the network no longer sees t.
+        num_classes: None (unconditional) or the number of class labels y the network is conditioned on; the
+            label `num_classes` (or y=None) means "no label".
     """
 
     def __init__(
@@ -151,6 +157,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         resolution: int = 32,
         norm_groups: int = GROUPS,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -159,8 +166,13 @@ class UNet(nn.Module):
         )
         self.ch, self.num_levels, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.in_channels, self.resolution = in_channels, resolution  # the input shape samplers draw noise in
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):  # fmt: skip
+            raise ValueError(f"num_classes must be None (unconditional) or a positive int, got {num_classes!r}")
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None  # the last row: no label
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         skips, cin = [ch], ch  # channel counts of the skip stack, mirrored while building the up path
@@ -206,12 +218,19 @@ class UNet(nn.Module):
 
     # ------------------------------------------------------------ pieces of forward, shared with DeepCache
 
-    def embed(self, t: Tensor | int, x: Tensor) -> Tensor:
-        """SiLU(MLP(sinusoid(t))) [B, 4ch], the form every ResBlock consumes; a scalar t is broadcast to x's batch."""
+    def embed(self, t: Tensor | int, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """SiLU(MLP(sinusoid(t)) + class_embed(y)) [B, 4ch], the form every ResBlock consumes; a scalar t is broadcast
+        to x's batch. y int64 [B] in [0, num_classes] (num_classes: no label; None: no label for every image)."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return F.silu(self.temb(timestep_embedding(t, self.ch)))
+        h = self.temb(timestep_embedding(t, self.ch))
+        if self.class_embed is not None:
+            y = torch.full((len(h),), self.num_classes, device=x.device) if y is None else y
+            h = h + self.class_embed(y)
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (num_classes=None): it takes no labels y")
+        return F.silu(h)
 
     def down_level(self, i: int, h: Tensor, temb: Tensor, skips: list[Tensor], stop: int | None = None) -> Tensor:
         """Run down[i], pushing every output onto `skips`; with `stop`, only its first `stop` blocks, no downsample."""
@@ -246,8 +265,8 @@ class UNet(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
-        temb = self.embed(t, x)
+    def forward(self, x: Tensor, t: Tensor | int, y: Tensor | None = None) -> Tensor:
+        temb = self.embed(t, x, y)
         h = self.conv_in(x)
         skips = [h]
         for i in range(self.num_levels):

@@ -24,8 +24,8 @@ from ..training.callbacks import FID, SampleGrid, StepProgressBar
 __all__ = ["Continued", "continue_run", "builder", "command_line_overrides", "explicit_keys", "CALLBACKS"]
 
 # The teacher's identity is its weights' digest (run-defining); its path may change when the file moves.
-RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed", "consistency", "teacher_digest")
-OPTIONAL = ("consistency", "teacher_digest")  # absent from older checkpoints: null
+RUN_DEFINING = ("model", "schedule", "data", "optim", "module", "seed", "consistency", "teacher_digest", "conditional")
+OPTIONAL = ("consistency", "teacher_digest", "conditional")  # absent from older checkpoints: null
 REGISTRY_KINDS = ("model", "schedule", "data", "optim")
 CHANGEABLE = {"data.num_workers", "data.root", "data.download", "module.compile", "module.max_bad_steps"}
 NEVER_FROM_CHECKPOINT = {"paths", "resume", "run_id", "run_name", "hydra", "teacher"}

@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from .. import timesteps
 from ..errors import UsageError
 from ..evaluation import fid, shapes
-from ..images import grid, save_npz, save_png
+from ..images import class_grid, grid, save_npz, save_png
 from ..io import checkpoints, gamma_cache, pretrained
 from ..sampling.consistency import ConsistencyModel, consistency_sampling
 from ..sampling.generate import PRECISIONS, Autocast, generate
 from ..wrappers import prediction
-from . import loggers
+from ..wrappers.guidance import num_classes_of
+from . import conditioning, loggers
 
 __all__ = ["load", "plan", "prepare", "with_gamma", "wrap", "draw", "write", "describe", "adaptive",
            "newest_checkpoint"]  # fmt: skip
@@ -54,13 +55,15 @@ def with_gamma(dist, cfg: DictConfig, sampler, model, schedule, trained: dict, w
     return functools.partial(sampler, gamma=g, data_var=data_var), g  # data_var: Theorem 2's bound
 
 
-def draw(dist, net, sampler, schedule, ts, shape, cfg: DictConfig, device) -> tuple[np.ndarray | None, dict]:
+def draw(dist, net, sampler, schedule, ts, shape, cfg: DictConfig, device, labels=None) -> tuple[np.ndarray | None,
+                                                                                                 dict]:  # fmt: skip
     """(the images on the main process, None elsewhere; NFE and timing): this process's share, checked for NaN on
-    every process before anything is written, gathered in index order."""
+    every process before anything is written, gathered in index order. `labels` [n_samples]: image i's class."""
     start, calls, batches, nonfinite, shards = time.perf_counter(), 0, 0, 0, []
     for images, n_calls, n_bad in generate(
         net, sampler, schedule, ts, shape, dist.shard(cfg.n_samples), seed=cfg.seed,
         batch_size=cfg.batch_size, device=device, prepare=getattr(net, "reset", None), progress=dist.is_main,
+        condition=conditioning.condition(net, labels),
     ):  # fmt: skip
         shards.append(images)
         calls, batches, nonfinite = calls + n_calls, batches + 1, nonfinite + n_bad
@@ -72,11 +75,11 @@ def draw(dist, net, sampler, schedule, ts, shape, cfg: DictConfig, device) -> tu
 
 
 def write(images: np.ndarray, out: Path, cfg: DictConfig, stats: dict, after: dict, source: str, trained: dict,
-          spacing: str) -> None:  # fmt: skip
-    """samples.npz first, then what may still fail (grid, PNGs, FID, the logger): an error there says where the
-    samples are."""
+          spacing: str, labels: np.ndarray | None = None) -> None:  # fmt: skip
+    """samples.npz first (the labels as arr_1), then what may still fail (grid, PNGs, FID, the logger): an error
+    there says where the samples are. With several classes the grid has a row per class."""
     try:
-        save_npz(images, out / "samples.npz", replace=False)
+        save_npz(images, out / "samples.npz", replace=False, labels=labels)
     except FileExistsError:
         raise UsageError(f"another run wrote {out / 'samples.npz'} meanwhile: pass a new out_dir=PATH") from None
     print(f"NFE {stats['nfe']:g} per image, {stats['seconds']:.1f} s, {stats['images_per_s']:.2f} images/s; "
@@ -87,20 +90,21 @@ def write(images: np.ndarray, out: Path, cfg: DictConfig, stats: dict, after: di
               "data colour on a flat background of a data level (the data: 100%)")  # fmt: skip
     try:
         if cfg.grid:
-            save_png(grid(images[:256]), out / "grid.png")
+            several = labels is not None and len(np.unique(labels)) > 1
+            save_png(class_grid(images, labels) if several else grid(images[:256]), out / "grid.png")
         if cfg.png:
             for i, image in enumerate(images):
                 save_png(image, out / "images" / f"{i:06d}.png")
         if cfg.fid:
             stats.update(record_fid(images, out, *after["fid"]))
         if cfg.logger:
-            log(after["logger"], cfg, images, stats, source, trained, spacing)
+            log(after["logger"], cfg, images, stats, source, trained, spacing, labels)
     except (UsageError, OSError) as error:  # the samples are safe: say where, and what is left to do
         raise UsageError(f"{error} (the {len(images)} samples are saved in {out / 'samples.npz'}; "
                          f"python -m diffusion.evaluation.fid scores them)") from error  # fmt: skip
 
 
-def plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
+def plan(cfg: DictConfig, model, schedule, source: str, device, guide=None) -> tuple:
     """(sampler, spacing, image shape [C, H, W]) after the checks that need the model: steps <= T, the sampler
     fits the model, the sampler's own option checks on one zero pixel along the very timesteps it will take, and
     the wrappers' (Skip-Tuning, DeepCache) on this UNet."""
@@ -122,14 +126,14 @@ def plan(cfg: DictConfig, model, schedule, source: str, device) -> tuple:
             check(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1, device=device), schedule, ts)
     except ValueError as error:
         raise UsageError(f"sampler options: {error}") from error
-    wrap(cfg, model, ts)  # Skip-Tuning's and DeepCache's own checks, before anything is written
+    wrap(cfg, model, ts, guide, schedule)  # Skip-Tuning's, DeepCache's, guidance's checks, before anything is written
     return sampler, spacing, (model.in_channels, model.resolution, model.resolution)
 
 
-def wrap(cfg: DictConfig, model, ts):
+def wrap(cfg: DictConfig, model, ts, guide=None, schedule=None):
     """The network the sampler calls: Skip-Tuning and DeepCache around the UNet (their own checks as UsageErrors,
-    naming the group), under autocast for bf16 / fp16, and outermost what the network predicts (x0 or v as eps,
-    whose arithmetic stays fp32)."""
+    naming the group), under autocast for bf16 / fp16, then labels and guidance (the guide network plain, under the
+    same autocast), and outermost what the network predicts (x0 or v as eps, whose arithmetic stays fp32)."""
     group, net = "skip", prediction.inner(model)
     try:
         net = instantiate(cfg.skip)(net) if cfg.skip else net
@@ -142,7 +146,9 @@ def wrap(cfg: DictConfig, model, ts):
             net = instantiate(cfg.cache, count=count)(net, timesteps=ts)
     except ValueError as error:
         raise UsageError(f"{group} options: {error}") from error
-    net = Autocast(net, PRECISIONS[cfg.precision]) if PRECISIONS[cfg.precision] is not None else net
+    dtype = PRECISIONS[cfg.precision]
+    net, guide = (net, guide) if dtype is None else (Autocast(net, dtype), guide and Autocast(guide, dtype))
+    net = conditioning.guided(cfg, net, num_classes_of(prediction.inner(model)), schedule, guide)
     return prediction.around(model, net)
 
 
@@ -214,14 +220,21 @@ def logger(cfg: DictConfig, trained: dict):
     return instantiate(cfg.logger)
 
 
-def log(logger, cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict, spacing: str) -> None:
-    """Record the run: its config, figures and (W&B) a grid of samples."""
+def log(logger, cfg: DictConfig, images: np.ndarray, stats: dict, source: str, trained: dict, spacing: str,
+        labels: np.ndarray | None = None) -> None:  # fmt: skip
+    """Record the run: its config, figures and (W&B) a grid of samples, one per class for a conditional model."""
     config = {**OmegaConf.to_container(cfg, resolve=True), "source": source, "train_run_id": trained.get("run_id"),
               "spacing": spacing}  # fmt: skip
     logger.log_hyperparams(config)
     logger.log_metrics(stats)
     if isinstance(logger, WandbLogger):
-        logger.log_image("samples", [grid(images[:64])], caption=[describe(cfg, spacing)])
+        if labels is None:
+            logger.log_image("samples", [grid(images[:64])], caption=[describe(cfg, spacing)])
+        else:
+            names = trained.get("classes") or []
+            classes = [int(k) for k in np.unique(labels)]
+            logger.log_image("samples", [grid(images[labels == k][:64]) for k in classes],
+                             caption=[names[k] if k < len(names) else f"class {k}" for k in classes])  # fmt: skip
         logger.experiment.summary.update(stats)
     logger.finalize("success")
     loggers.finish_wandb()

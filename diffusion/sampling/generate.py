@@ -93,9 +93,9 @@ class Autocast(nn.Module):
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, *y: Tensor) -> Tensor:
         with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, t).float()
+            return self.model(x, t, *y).float()  # y: a conditional network's labels
 
 
 def generate(
@@ -111,13 +111,15 @@ def generate(
     device: torch.device | str = "cpu",
     prepare: Callable[[], None] | None = None,
     progress: bool = True,
+    condition: Callable[[Sequence[int]], None] | None = None,
 ) -> Iterator[tuple[np.ndarray, int, int]]:
     """Yield (uint8 [b, H, W, C] images, model calls, non-finite images) for `indices` in batches, image i seeded
     by (seed, i).
 
     A diverged model draws NaN, which uint8 would turn into black images: the count of images with any NaN or
     infinite value, taken before the conversion, lets the caller refuse them. `prepare` runs before every batch
-    (e.g. to empty DeepCache's cache, so no batch reuses another's features).
+    (e.g. to empty DeepCache's cache, so no batch reuses another's features); `condition(batch)` too, with the
+    batch's image indices (e.g. to set their labels on diffusion.wrappers.guidance.Guided).
     """
     n_batches = -(-len(indices) // batch_size)
     batches = (indices[k : k + batch_size] for k in range(0, len(indices), batch_size))  # lazily: n may be huge
@@ -127,6 +129,8 @@ def generate(
     for batch in outer:
         if prepare is not None:
             prepare()
+        if condition is not None:
+            condition(batch)
         inner.reset(total=inner.total)  # known after the first batch (an adaptive solver may take more or fewer)
         before = counted.calls
         noise = image_noise(seed, batch, shape).to(device)

@@ -19,8 +19,8 @@ from ..sampling.consistency import column, ddim_to, edge_below, log_ve, make_gri
 from ..sampling.core import Model, denoise
 from ..schedule import PREDICTIONS, Schedule, eps_from_x0, target, x_at
 
-__all__ = ["eps_loss", "diffusion_loss", "loss_weight", "WEIGHTINGS", "dpm_solver_step", "SOLVERS", "DISTANCES",
-           "distance", "cd_loss", "ct_loss", "ct_steps", "lognormal_weights"]  # fmt: skip
+__all__ = ["eps_loss", "diffusion_loss", "drop_labels", "loss_weight", "WEIGHTINGS", "dpm_solver_step", "SOLVERS",
+           "DISTANCES", "distance", "cd_loss", "ct_loss", "ct_steps", "lognormal_weights"]  # fmt: skip
 
 
 def eps_loss(model: nn.Module, schedule: Schedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -54,20 +54,29 @@ def loss_weight(prediction: str, weighting: str, snr: Tensor, gamma: float = 5.0
 
 
 def diffusion_loss(model: nn.Module, schedule: Schedule, x0: Tensor, *, prediction: str = "eps",
-                   weighting: str = "uniform", gamma: float = 5.0,
-                   generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+                   weighting: str = "uniform", gamma: float = 5.0, generator: torch.Generator | None = None,
+                   y: Tensor | None = None) -> Tensor:  # fmt: skip
     """t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), and the `weighting`-weighted MSE between the network's output and
-    its `prediction` target (eps: Ho et al. eq. 14; x0; v: Salimans & Ho 2022). The raw network, not a wrapper."""
+    its `prediction` target (eps: Ho et al. eq. 14; x0; v: Salimans & Ho 2022). The raw network, not a wrapper;
+    with labels y [B], the conditional network's `model(x_t, t, y)`."""
     t = torch.randint(0, schedule.T, (len(x0),), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     abar = schedule.alpha_bar(t)  # float64 [B]
     x_t = schedule.q_sample(x0, t, noise)
     wanted = target(prediction, x0.float(), noise.float(), abar.float().view(-1, *[1] * (x0.ndim - 1)))
-    error = (model(x_t, t).float() - wanted).pow(2).flatten(1).mean(1)
+    out = model(x_t, t) if y is None else model(x_t, t, y)
+    error = (out.float() - wanted).pow(2).flatten(1).mean(1)
     if weighting == "uniform":
         return error.mean()
     snr = abar / (1 - abar)  # inf at t = -1 only, which is never drawn; 0 at T-1 under zero terminal SNR
     return (loss_weight(prediction, weighting, snr, gamma).float() * error).mean()
+
+
+def drop_labels(y: Tensor, p: float, null: int, generator: torch.Generator | None = None) -> Tensor:
+    """y with each label replaced by `null` ("no label") with probability p: one network learns the conditional and
+    the unconditional model (Ho & Salimans 2022, Alg. 1: p_uncond)."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(y, null), y)
 
 
 # -------------------------------------------------------------------- the teacher's ODE steps (CD)

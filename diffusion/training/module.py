@@ -19,8 +19,9 @@ from .. import timesteps
 from ..errors import UsageError
 from ..sampling.ddim import ddim
 from ..schedule import PREDICTIONS, Schedule
+from ..wrappers.guidance import conditional_net, num_classes_of
 from ..wrappers.prediction import Prediction
-from .losses import WEIGHTINGS, diffusion_loss
+from .losses import WEIGHTINGS, diffusion_loss, drop_labels
 
 __all__ = ["ema_update", "DiffusionModule", "DivergenceError", "check_objective"]
 
@@ -87,6 +88,8 @@ class DiffusionModule(L.LightningModule):
         fused: build the optimizer with its fused kernel (decided by diffusion.training.precision.plan_step).
         compile: wrap the network's forward in `torch.compile`.
         config: the run's resolved config, stored in every checkpoint so sampling needs nothing else.
+        cond_drop: a class-conditional network's (UNet num_classes) chance of training a batch row without its
+            label (Ho & Salimans 2022: 0.1 or 0.2), so that it is also the unconditional model guidance needs.
     """
 
     def __init__(
@@ -105,8 +108,11 @@ class DiffusionModule(L.LightningModule):
         prediction: str = "eps",
         loss_weight: str = "uniform",
         snr_gamma: float = 5.0,
+        cond_drop: float = 0.1,
     ) -> None:
         super().__init__()
+        if isinstance(cond_drop, bool) or not isinstance(cond_drop, int | float) or not 0 <= cond_drop <= 1:
+            raise UsageError(f"module.cond_drop={cond_drop!r} must lie in [0, 1] (Ho & Salimans: 0.1 or 0.2)")
         if not 0.0 <= ema_decay < 1.0:
             raise UsageError(f"module.ema_decay={ema_decay} must be in [0, 1) (DDPM: 0.9999)")
         if max_bad_steps < 1:
@@ -128,6 +134,7 @@ class DiffusionModule(L.LightningModule):
         self.compile = compile
         self.config = config or {}
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, float(snr_gamma)
+        self.cond_drop, self.num_classes = float(cond_drop), num_classes_of(model)
         self.skipped_steps = 0  # non-finite steps over the whole run (saved in checkpoints)
         self.bad_in_a_row = 0
         self._rng_state_to_restore: dict[str, Any] | None = None
@@ -165,11 +172,23 @@ class DiffusionModule(L.LightningModule):
         self.log_step(loss)
         return loss.detach()
 
-    def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(self, batch: Tensor | tuple[Tensor, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """The loss of one batch: the network's prediction target under its weighting (DDPM's L_simple by default;
-        a subclass such as ConsistencyModule brings its own)."""
-        return diffusion_loss(self.model, self.schedule, batch, prediction=self.prediction, weighting=self.loss_weight,
-                              gamma=self.snr_gamma, generator=generator)  # fmt: skip
+        a subclass such as ConsistencyModule brings its own); a labelled batch drops a `cond_drop` share of them."""
+        x0, y = self.split(batch)
+        if y is not None:
+            y = drop_labels(y, self.cond_drop, self.num_classes, generator)
+        return diffusion_loss(self.model, self.schedule, x0, prediction=self.prediction, weighting=self.loss_weight,
+                              gamma=self.snr_gamma, generator=generator, y=y)  # fmt: skip
+
+    def split(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(images, labels or None) of a batch; labels for a network that takes none (or none for one that needs
+        them) are refused, naming the fix."""
+        x0, y = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+        if (y is None) != (self.num_classes is None):
+            raise UsageError("the data yields labels and the network takes none, or the other way round: train with "
+                             "conditional=true, which sets both the data and the model")  # fmt: skip
+        return x0, y
 
     def eps_model(self, net: nn.Module) -> nn.Module:
         """`net` (the model or its EMA) as the eps-model every sampler takes (diffusion.wrappers.prediction)."""
@@ -233,18 +252,22 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         # The same t and noise at every validation, so the curve shows the model changing, not the draw.
         seed = 1_000_003 * batch_idx + self.global_rank
+        x0, y = self.split(batch)  # the conditional loss, every label kept
         for name, net in (("val/loss", self.model), ("val/loss_ema", self.ema)):
             g = torch.Generator(self.device).manual_seed(seed)
-            loss = diffusion_loss(net, self.schedule, batch, prediction=self.prediction, weighting=self.loss_weight,
-                                  gamma=self.snr_gamma, generator=g)  # fmt: skip
-            self.log(name, loss, sync_dist=True, batch_size=len(batch))
+            loss = diffusion_loss(net, self.schedule, x0, prediction=self.prediction, weighting=self.loss_weight,
+                                  gamma=self.snr_gamma, generator=g, y=y)  # fmt: skip
+            self.log(name, loss, sync_dist=True, batch_size=len(x0))
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, n: int, steps: int = 50, *, use_ema: bool = True, seed: int = 0) -> Tensor:
         """n images [n, C, H, W] in [-1, 1] from DDIM (eta = 0) with `steps` steps of sample.py's default spacing
-        for DDIM: leading, or trailing (from T-1) under zero terminal SNR."""
+        for DDIM: leading, or trailing (from T-1) under zero terminal SNR. A conditional network draws image i of
+        class i % num_classes, unguided (sample.py's default labels)."""
         net = self.ema if use_ema else self.model
+        if self.num_classes is not None:
+            net = conditional_net(net, torch.arange(n, device=self.device) % self.num_classes)
         shape = self.config.get("image_shape") or _input_shape(net)
         g = torch.Generator(self.device).manual_seed(seed)
         noise = torch.randn((n, *shape), generator=g, device=self.device)

@@ -221,7 +221,9 @@ class DeepCache(nn.Module):
         self._refreshed: set[int] = set()
         self._calls = 0  # since the trajectory's first, for count="calls"
 
-    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int, y: Tensor | None = None) -> Tensor:
+        """eps of the UNet (with class labels y, if it takes them); a batch of another shape than the cached one
+        (a guidance interval switching the unconditional half on or off) is a full step."""
         step = self._step(t, x)
         if self.timesteps is not None and step == self.timesteps[0]:
             self._refreshed.clear()  # the first timestep: a new trajectory
@@ -229,13 +231,13 @@ class DeepCache(nn.Module):
         full = self._is_full(step, x)
         self._calls += 1
         if full:
-            eps, deep = self._full(x, t)
+            eps, deep = self._full(x, t, y)
             self._deep, self._shape = deep.detach(), x.shape
             self._refreshed.add(step)
             self.full_calls += 1
             return eps
         self.shallow_calls += 1
-        return self._shallow(x, t, self._deep)
+        return self._shallow(x, t, self._deep, y)
 
     def _is_full(self, step: int, x: Tensor) -> bool:
         if self.interval == 1 or self._deep is None or x.shape != self._shape:
@@ -263,10 +265,10 @@ class DeepCache(nn.Module):
 
     # ------------------------------------------------------------ the two passes, made of the UNet's own pieces
 
-    def _full(self, x: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+    def _full(self, x: Tensor, t: Tensor | int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """eps, and the deep feature entering up block (u, s): the same operations as UNet.forward."""
         m, (u, s) = self.model, self._up
-        temb = m.embed(t, x)
+        temb = m.embed(t, x) if y is None else m.embed(t, x, y)
         h = m.conv_in(x)
         skips = [h]
         for i in range(m.num_levels):
@@ -280,10 +282,10 @@ class DeepCache(nn.Module):
                 h = m.up_level(i, h, temb, skips)
         return m.head(h), deep
 
-    def _shallow(self, x: Tensor, t: Tensor | int, deep: Tensor) -> Tensor:
+    def _shallow(self, x: Tensor, t: Tensor | int, deep: Tensor, y: Tensor | None = None) -> Tensor:
         """eps from the down blocks up to the branch, the cached deep feature, and the up blocks from the branch."""
         m, (level, pos), (u, s) = self.model, self._down, self._up
-        temb = m.embed(t, x)
+        temb = m.embed(t, x) if y is None else m.embed(t, x, y)
         h = m.conv_in(x)
         skips = [h]
         for i in range(level):

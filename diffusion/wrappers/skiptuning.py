@@ -88,9 +88,9 @@ class SkipTuning(nn.Module):
         self.rho = skip_scales(model.num_levels, rho_top, rho_bottom)
         self.rho_top, self.rho_bottom = self.rho[0], self.rho[-1]
 
-    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int, y: Tensor | None = None) -> Tensor:
         """eps [B, C', H, W]: UNet.forward itself, run on this wrapper's pieces (whose up_level scales the skips)."""
-        return UNet.forward(self, x, t)  # type: ignore[arg-type]
+        return UNet.forward(self, x, t, y)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ the UNet's interface, skips scaled
 
@@ -100,8 +100,8 @@ class SkipTuning(nn.Module):
         """UNet.up_level with level i's rho_i."""
         return self.model.up_level(i, h, temb, skips, start, stop, rho=self.rho[i])
 
-    def embed(self, t: Tensor | int, x: Tensor) -> Tensor:
-        return self.model.embed(t, x)
+    def embed(self, t: Tensor | int, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.model.embed(t, x, y)
 
     def down_level(self, i: int, h: Tensor, temb: Tensor, skips: list[Tensor], stop: int | None = None) -> Tensor:
         return self.model.down_level(i, h, temb, skips, stop)
