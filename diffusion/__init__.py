@@ -9,7 +9,7 @@ Where is X (no imports here: `import diffusion.schedule` stays cheap):
     every sampler (DDPM, DDIM, PNDM, DPM-Solver++, UniPC, Analytic-DPM, consistency)
                                                           sampling/ (its __init__ has the table: paper, file, NFE)
     many images from a sampler (seeds, batches, GPUs)     sampling/generate.py
-    DeepCache, Skip-Tuning                                wrappers/
+    DeepCache, Skip-Tuning, x0/v targets, guidance        wrappers/
     the training step, losses, consistency training       training/
     FID, LPIPS, likelihood                                evaluation/
     checkpoints, diffusers folders, the registry          io/

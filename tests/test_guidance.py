@@ -58,7 +58,8 @@ SAMPLERS = {  # name: (sampler, steps): 50 steps each, as many NFE as FON's 13 R
     "ddpm": (sampling.ddpm, 200), "ddim": (sampling.ddim, 50), "pndm": (sampling.pndm, 50),
     "s_pndm": (sampling.s_pndm, 50), "plms": (sampling.plms, 50), "dpm_solver": (sampling.dpm_solver, 50),
     "dpm_solver_3m": (sampling.dpm_solver_3m, 50), "unipc": (sampling.unipc, 50), "fon": (sampling.fon, 13),
-    "pf": (sampling.pf, 50), "analytic_ddpm": (sampling.analytic_ddpm, 50), "analytic_ddim": (sampling.analytic_ddim, 50),
+    "pf": (sampling.pf, 50), "analytic_ddpm": (sampling.analytic_ddpm, 50),
+    "analytic_ddim": (sampling.analytic_ddim, 50),
 }  # fmt: skip
 
 
@@ -240,8 +241,12 @@ def test_guiding_a_v_network_samples_as_guiding_the_eps_network(name):
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """3-step runs: a conditional one (2 classes: the shapes), a smaller conditional guide, an unconditional one."""
     root, out = tmp_path_factory.mktemp("guidance"), {}
-    for name, extra in {"cond": ["conditional=true"], "guide": ["conditional=true", "model.ch=8", "model.norm_groups=4"],
-                        "plain": []}.items():  # fmt: skip
+    runs = {
+        "cond": ["conditional=true"],
+        "guide": ["conditional=true", "model.ch=8", "model.norm_groups=4"],
+        "plain": [],
+    }
+    for name, extra in runs.items():
         train(compose_config("train", [*TINY_RUN, "trainer.max_steps=3", *extra], root / name))
         out[name] = root / name / "checkpoints" / "last.ckpt"
     return out
@@ -267,6 +272,15 @@ def test_the_grid_has_a_row_per_class(ckpts, tmp_path):
     draw(ckpts["cond"], tmp_path, "n_samples=8")
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape[0] == 2 * (32 + 2) + 2 and grid.shape[1] == 4 * (32 + 2) + 2  # 2 classes x 4 images
+
+
+def test_wandb_gets_a_grid_per_class(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    sample(compose_config("sample", [f"ckpt={ckpts['cond']}", "logger=wandb", "n_samples=6", "steps=3",
+                                     "guidance=1.5", "guidance_rescale=0.7"], tmp_path))  # fmt: skip
+    grids = sorted(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+    assert len(grids) == 2  # disc, square
+    assert "ddim + classifier-free guidance w=1.5 (rescale 0.7), 3 leading steps" in capsys.readouterr().out
 
 
 def test_autoguidance_and_the_options_compose_with_deepcache_and_every_sampler(ckpts, tmp_path):

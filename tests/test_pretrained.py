@@ -386,3 +386,10 @@ def test_a_zero_terminal_snr_folder_reads_as_diffusers_rescales_it(tmp_path):
     assert written["prediction_type"] == "v_prediction"
     assert torch.equal(pretrained.schedule_from_config(written).betas, ours.betas)
     assert torch.allclose(DDPMScheduler.from_config(written).betas.double(), ours.betas, atol=1e-7)
+
+
+def test_a_class_conditional_unet_is_refused_by_the_export_in_one_line(tmp_path):
+    net = UNet(3, 3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=8, num_classes=10)
+    with pytest.raises(UsageError, match="class-conditional .* does not map to UNet2DModel's num_class_embeds") as e:
+        export.export(net, linear(1000), tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -194,6 +194,7 @@ def describe(cfg: DictConfig, spacing: str) -> str:
     name = sampler_name(cfg)
     skip = f" + Skip-Tuning({cfg.skip.rho_bottom}..{cfg.skip.rho_top})" if cfg.skip else ""
     cache = f" + DeepCache(interval={cfg.cache.interval})" if cfg.cache else ""
+    cache += guidance_words(cfg)
     if adaptive(cfg):
         tolerances = f"{cfg.sampler.method} at rtol={cfg.sampler.rtol:g}, atol={cfg.sampler.atol:g}"
         return (f"{name}{skip}{cache}, {tolerances}: the solver chooses its steps and NFE from the first {spacing} "
@@ -203,6 +204,18 @@ def describe(cfg: DictConfig, spacing: str) -> str:
         whose = (spacing, "from T-1, pure noise under zero terminal SNR (Lin et al. 2024)")
     own = "" if cfg.spacing else f" (the sampler's own: {whose[1]}; spacing= to choose)"
     return f"{name}{skip}{cache}, {cfg.steps} {spacing} steps{own}"
+
+
+def guidance_words(cfg: DictConfig) -> str:
+    """e.g. " + classifier-free guidance w=2 (rescale 0.7, on sigma in (0.28, 5.42])"; "" without guidance."""
+    if not cfg.get("guidance"):
+        return ""
+    kind = "autoguidance" if cfg.get("guide") else "classifier-free guidance"
+    extra = [f"rescale {cfg.guidance_rescale:g}"] if cfg.get("guidance_rescale") else []
+    if cfg.get("guidance_interval") is not None:
+        lo, hi = cfg.guidance_interval
+        extra.append(f"on sigma in ({lo:g}, {hi:g}]")
+    return f" + {kind} w={cfg.guidance:g}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def record_fid(images: np.ndarray, out: Path, reference, extractor) -> dict:

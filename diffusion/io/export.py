@@ -68,6 +68,10 @@ def export(model: UNet | Prediction, schedule: Schedule, folder: str | Path) -> 
     model = inner(model)
     if not isinstance(model, UNet):
         raise UsageError(f"only diffusion.unet.UNet exports to UNet2DModel, got {type(model).__name__}")
+    if model.num_classes is not None:
+        raise UsageError(f"this UNet is class-conditional ({model.num_classes} classes and a no-label row), which "
+                         "the export does not map to UNet2DModel's num_class_embeds yet: sample it with "
+                         "sample.py")  # fmt: skip
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in to_diffusers(model.state_dict(), model.num_levels).items()}
