@@ -316,3 +316,40 @@ def test_autoguidance_serves_an_unconditional_model(ckpts, tmp_path):
     images, npz = draw(ckpts["plain"], tmp_path, f"guide={ckpts['plain']}", "guidance=1.0")
     plain, _ = draw(ckpts["plain"], tmp_path / "p")
     assert npz.files == ["arr_0"] and (images == plain).all()  # its own guide: the model itself
+
+
+# ---------------------------------------------------------------- consistency distillation from a conditional teacher
+
+
+def test_a_conditional_teacher_distils_into_a_guided_student_that_samples_each_class(ckpts, tmp_path):
+    """LCM's recipe: the teacher's ODE steps are guided at consistency.guidance; the student takes the labels."""
+    from diffusion.io import checkpoints
+
+    cd = [o for o in TINY_RUN if not o.startswith(("experiment=", "model."))] + [
+        "experiment=cd", "data=synthetic", "data.image_size=32", f"teacher={ckpts['cond']}", "trainer.max_steps=2",
+        "callbacks.samples_2.n=4", "callbacks.samples.steps=1", "consistency.guidance=1.5"]  # fmt: skip
+    module = train(compose_config("train", cd, tmp_path / "cd"))
+    assert module.num_classes == 2 and module.guidance == 1.5
+    x, t, y = torch.randn(3, 3, 32, 32, generator=gen(0)), torch.full((3,), 500), torch.tensor([0, 1, 2])
+    raw = module._teacher[0]  # the teacher CD steps along, guided with the batch's labels (2: a dropped one)
+    with torch.no_grad():
+        c, u = raw(x, t, y), raw(x, t, torch.full((3,), 2))
+        torch.testing.assert_close(module.teacher_model(y)(x, t), c + 1.5 * (c - u), rtol=1e-5, atol=1e-6)
+    student = tmp_path / "cd" / "checkpoints" / "last.ckpt"
+    config = checkpoints.load(student)["config"]
+    assert config["conditional"] is True and config["model"]["num_classes"] == 2
+    overrides = [f"ckpt={student}", "logger=none", "n_samples=4", "steps=2", "sampler=consistency", "labels=[1]"]
+    images = sample(compose_config("sample", overrides, tmp_path / "s"))
+    assert images.shape == (4, 32, 32, 3) and np.load(tmp_path / "s" / "samples.npz")["arr_1"].tolist() == [1] * 4
+    with pytest.raises(UsageError, match="is a consistency model: it was distilled from a teacher guided"):
+        sample(compose_config("sample", [*overrides, "guidance=1"], tmp_path / "g"))
+    with pytest.raises(UsageError, match="distils a class-conditional teacher, and teacher=.* is unconditional"):
+        train(compose_config("train", [*cd[:-1], f"teacher={ckpts['plain']}", "conditional=true"], tmp_path / "u"))
+
+
+def test_consistency_training_takes_labels(tmp_path):
+    ct = [o for o in TINY_RUN if not o.startswith("experiment=")] + [
+        "experiment=ct", "data=synthetic", "model=unet_tiny", "data.image_size=32", "conditional=true",
+        "trainer.max_steps=2", "callbacks.samples.steps=1"]  # fmt: skip
+    module = train(compose_config("train", ct, tmp_path))
+    assert module.num_classes == 2 and module.model.class_embed is not None

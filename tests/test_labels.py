@@ -177,7 +177,7 @@ def test_conditional_training_records_its_classes_and_resumes(tmp_path):
     "overrides, message",
     [
         (["+model.num_classes=3"], r"model.num_classes=3 with conditional=false: pass conditional=true"),
-        (["conditional=true", "+model.num_classes=3"], "model.num_classes=3, but the data has 2 classes"),
+        (["conditional=true", "+model.num_classes=3"], "model.num_classes has 3 classes, but the data has 2"),
         (["conditional=true", "module.cond_drop=1.5"], r"module.cond_drop=1.5 must lie in \[0, 1\]"),
     ],
 )
@@ -185,11 +185,3 @@ def test_bad_conditional_runs_are_refused_in_one_line(overrides, message, tmp_pa
     with pytest.raises(UsageError, match=message) as error:
         train(compose_config("train", [*TINY_RUN, *overrides], tmp_path))
     assert "\n" not in str(error.value)
-
-
-def test_conditional_consistency_training_is_refused_in_one_line(tmp_path):
-    from diffusion.cli import conditioning
-
-    cfg = compose_config("train", ["experiment=ct", "conditional=true"], tmp_path)
-    with pytest.raises(UsageError, match="consistency training .* of a class-conditional model is not built"):
-        conditioning.prepare_data(cfg)

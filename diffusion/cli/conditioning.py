@@ -14,8 +14,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io import checkpoints
+from ..sampling.consistency import ConsistencyModel
 from ..wrappers import prediction
-from ..wrappers.guidance import Guided, num_classes_of
+from ..wrappers.guidance import Guided, find, num_classes_of
 
 __all__ = ["prepare_data", "wire_model", "image_labels", "check_sampling", "load_guide", "guided", "condition"]
 
@@ -30,9 +31,10 @@ def prepare_data(cfg: DictConfig) -> None:
             raise UsageError(f"model.num_classes={cfg.model.num_classes} with conditional=false: pass conditional=true "
                              "(the class count comes from the data) and leave model.num_classes unset")  # fmt: skip
         return
-    if cfg.get("consistency"):
-        raise UsageError("consistency training (experiment=cd, ct, pcm) of a class-conditional model is not built: "
-                         "drop conditional=true")  # fmt: skip
+    distilled = cfg.get("consistency") and cfg.consistency.get("method") == "cd"
+    if distilled and not (cfg.get("model") or {}).get("num_classes"):
+        raise UsageError(f"conditional=true distils a class-conditional teacher, and teacher={cfg.get('teacher')} is "
+                         "unconditional: drop conditional=true (or distil a teacher trained with it)")  # fmt: skip
     with open_dict(cfg):
         cfg.data.conditional = True
 
@@ -44,8 +46,10 @@ def wire_model(cfg: DictConfig, data: Any) -> None:
         return
     names = [str(name) for name in data.classes()]
     if cfg.model.get("num_classes") not in (None, len(names)):
-        raise UsageError(f"model.num_classes={cfg.model.num_classes}, but the data has {len(names)} classes: leave "
-                         "model.num_classes unset (conditional=true takes it from the data)")  # fmt: skip
+        whose = f"the teacher's {cfg.teacher}" if cfg.get("teacher") else "model.num_classes"
+        raise UsageError(f"{whose} has {cfg.model.num_classes} classes, but the data has {len(names)}: leave "
+                         "model.num_classes unset (conditional=true takes it from the data), or distil on the "
+                         "teacher's data")  # fmt: skip
     with open_dict(cfg):
         cfg.model.num_classes = len(names)
         cfg.classes = names
@@ -70,6 +74,9 @@ def check_sampling(cfg: DictConfig, model: nn.Module, source: str) -> int | None
     labels, scale, guide = cfg.get("labels"), cfg.get("guidance", 0.0), cfg.get("guide")
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < float("inf"):
         raise UsageError(f"guidance={scale!r}: use a number >= 0 (Ho & Salimans's w; 0: none)")
+    if isinstance(model, ConsistencyModel) and (scale or guide):
+        raise UsageError(f"{source} is a consistency model: it was distilled from a teacher guided at a fixed scale "
+                         "(consistency.guidance), so it takes no guidance= or guide=; drop them")  # fmt: skip
     if k is None:
         if labels is not None:
             raise UsageError(f"labels={list(labels)}: {source} is unconditional (trained without conditional=true), "
@@ -115,7 +122,7 @@ def _kind(model: nn.Module, schedule) -> dict:
 def guided(cfg: DictConfig, net: nn.Module, num_classes: int | None, schedule, guide: nn.Module | None) -> nn.Module:
     """`net` (the UNet, maybe in DeepCache / Skip-Tuning / autocast) with labels and guidance, or `net` itself for
     an unconditional model without a guide."""
-    if num_classes is None and guide is None:
+    if (num_classes is None and guide is None) or find(net) is not None:  # a consistency model's: labelled already
         return net
     interval = cfg.get("guidance_interval")
     try:
@@ -128,8 +135,8 @@ def guided(cfg: DictConfig, net: nn.Module, num_classes: int | None, schedule, g
 
 def condition(net: nn.Module, labels: torch.Tensor | None) -> Callable[[Sequence[int]], None] | None:
     """generate()'s per-batch hook: the batch's labels set on the Guided wrapper inside `net` (None: nothing to set)."""
-    found = prediction.inner(net)
-    if not isinstance(found, Guided) or labels is None:
+    found = find(net)
+    if found is None or labels is None:
         return None
 
     def hook(batch: Sequence[int]) -> None:

@@ -24,7 +24,7 @@ from ..io import checkpoints, gamma_cache, pretrained
 from ..sampling.consistency import ConsistencyModel, consistency_sampling
 from ..sampling.generate import PRECISIONS, Autocast, generate
 from ..wrappers import prediction
-from ..wrappers.guidance import num_classes_of
+from ..wrappers.guidance import Guided, num_classes_of
 from . import conditioning, loggers
 
 __all__ = ["load", "plan", "prepare", "with_gamma", "wrap", "draw", "write", "describe", "adaptive",
@@ -134,6 +134,9 @@ def wrap(cfg: DictConfig, model, ts, guide=None, schedule=None):
     """The network the sampler calls: Skip-Tuning and DeepCache around the UNet (their own checks as UsageErrors,
     naming the group), under autocast for bf16 / fp16, then labels and guidance (the guide network plain, under the
     same autocast), and outermost what the network predicts (x0 or v as eps, whose arithmetic stays fp32)."""
+    if isinstance(model, ConsistencyModel) and num_classes_of(model) is not None:  # the labels go inside f
+        labelled = prediction.around(model.net, Guided(prediction.inner(model.net), num_classes_of(model)))
+        model = ConsistencyModel(labelled, model.schedule, model.phases).to(model.edges.device)
     group, net = "skip", prediction.inner(model)
     try:
         net = instantiate(cfg.skip)(net) if cfg.skip else net

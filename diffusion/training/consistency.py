@@ -25,13 +25,14 @@ from ..io import registry
 from ..sampling import consistency as cm
 from ..schedule import Schedule
 from ..wrappers import prediction
+from ..wrappers.guidance import Guided, conditional_net
 from . import losses
 from .module import DiffusionModule, ema_update
 
 __all__ = ["ConsistencyModule", "adopt_teacher", "METHODS", "check_options"]
 
 METHODS = ("cd", "ct")
-OPTIONS = {"method", "N", "k", "solver", "loss", "mu", "phases", "s0", "s1", "grid"}
+OPTIONS = {"method", "N", "k", "solver", "loss", "mu", "phases", "s0", "s1", "grid", "guidance"}
 
 
 def check_options(options: dict[str, Any], T: int) -> None:
@@ -60,6 +61,11 @@ def check_options(options: dict[str, Any], T: int) -> None:
         raise UsageError(f"consistency.phases={whole['phases']} exceeds N={whole['N']}: each phase needs grid points")
     if method == "ct" and whole["phases"] != 1:
         raise UsageError("consistency.phases applies to distillation (PCM = method cd with phases > 1), not to ct")
+    w = options.get("guidance", 0.0)
+    if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < float("inf"):
+        raise UsageError(f"consistency.guidance={w!r}: the teacher's guidance scale must be a number >= 0")
+    if method == "ct" and w:
+        raise UsageError("consistency.guidance guides the teacher of distillation (cd, pcm); ct has no teacher")
     mu = options.get("mu")
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
         raise UsageError(f"consistency.mu={mu!r}: the target EMA rate must lie in [0, 1) (CD: 0.95; 0: no EMA)")
@@ -119,6 +125,8 @@ def adopt_teacher(cfg: DictConfig, explicit: Iterable[str] = ()) -> nn.Module | 
     with open_dict(cfg):
         cfg.model, cfg.schedule, cfg.teacher_digest = model_cfg, schedule_cfg, digest
         cfg.module.prediction = predicts  # the student predicts what the teacher does: it starts as the teacher
+        if model_cfg.get("num_classes"):  # a class-conditional teacher: so is the student, on the data's labels
+            cfg.conditional = True
     return net.eval().requires_grad_(False)
 
 
@@ -213,6 +221,8 @@ class ConsistencyModule(DiffusionModule):
         teacher: the frozen eps-model CD distils (the student starts from its weights); None for CT.
         method, N, k, solver, loss, mu, phases, grid: conf/experiment/cd.yaml documents them.
         s0, s1: CT's curriculum N from s0 to min(s1, T) intervals over the run's max_steps.
+        guidance: a class-conditional teacher's classifier-free guidance scale w, fixed (LCM's recipe, Luo et al.
+            2023: the student learns the guided ODE, so its few-step samples are guided; 0: the conditional ODE).
         grid: the configs say karras; absent (a checkpoint written before the option) it is the uniform grid that
             run was trained on, so it resumes unchanged.
     """
@@ -220,8 +230,9 @@ class ConsistencyModule(DiffusionModule):
     def __init__(self, model: nn.Module, schedule: Schedule, optimizer, *, teacher: nn.Module | None = None,
                  method: str = "cd", N: int = 50, k: int = 1, solver: str = "ddim", loss: str = "l2",
                  mu: float = 0.95, phases: int = 1, s0: int = 10, s1: int = 1280, grid: str = "uniform",
-                 **kwargs) -> None:  # fmt: skip
-        options = dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1, grid=grid)
+                 guidance: float = 0.0, **kwargs) -> None:  # fmt: skip
+        options = dict(method=method, N=N, k=k, solver=solver, loss=loss, mu=mu, phases=phases, s0=s0, s1=s1, grid=grid,
+                       guidance=guidance)  # fmt: skip
         check_options(options, schedule.T)
         if schedule.zero_terminal:
             raise UsageError(
@@ -235,6 +246,7 @@ class ConsistencyModule(DiffusionModule):
         super().__init__(model, schedule, optimizer, **kwargs)
         self.method, self.N, self.k, self.solver = method, N, k, solver
         self.mu, self.phases, self.s0, self.s1, self.grid = mu, phases, s0, s1, grid
+        self.guidance = float(guidance)
         # The target network theta^-: an EMA of rate mu for CD, saved with the run; CT's is the student itself.
         self.target = copy.deepcopy(model).eval().requires_grad_(False) if method == "cd" else None
         self._teacher = [teacher]  # in a list: not a submodule, so never in the checkpoint; moved in setup()
@@ -256,15 +268,33 @@ class ConsistencyModule(DiffusionModule):
         total = max(1, int(self.trainer.max_steps)) if self._trainer is not None else 1
         return min(losses.ct_steps(self.global_step, total, self.s0, self.s1), self.schedule.T)
 
-    def training_loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        f = partial(cm.consistency, self.eps_model(self.model), self.schedule)
+    def training_loss(self, batch: Tensor | tuple[Tensor, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """The CT or CD loss of a batch; a labelled batch (a class-conditional student) binds its labels, a `cond_drop`
+        share of them dropped, to the student, its target and the teacher (guided at `guidance`)."""
+        x0, y = self.split(batch)
+        if y is not None:
+            y = losses.drop_labels(y, self.cond_drop, self.num_classes, generator)
+        f = partial(cm.consistency, self.eps_model(self.labelled(self.model, y)), self.schedule)
         if self.method == "ct":
-            return losses.ct_loss(f, f, self.schedule, batch, N=self.curriculum(), loss=self._distance[0],
+            return losses.ct_loss(f, f, self.schedule, x0, N=self.curriculum(), loss=self._distance[0],
                                   grid=self.grid, generator=generator)  # fmt: skip
-        f_target = partial(cm.consistency, self.eps_model(self.target), self.schedule)
-        return losses.cd_loss(f, f_target, self._teacher[0], self.schedule, batch, N=self.N, k=self.k,
+        f_target = partial(cm.consistency, self.eps_model(self.labelled(self.target, y)), self.schedule)
+        return losses.cd_loss(f, f_target, self.teacher_model(y), self.schedule, x0, N=self.N, k=self.k,
                               phases=self.phases, solver=self.solver, loss=self._distance[0], grid=self.grid,
                               generator=generator)  # fmt: skip
+
+    def labelled(self, net: nn.Module, y: Tensor | None) -> nn.Module:
+        """`net` with the batch's labels bound (itself for an unconditional network)."""
+        return net if y is None else conditional_net(net, y)
+
+    def teacher_model(self, y: Tensor | None) -> nn.Module:
+        """The teacher as CD's eps-model: with labels, guided at the fixed scale `guidance` (x0/v: inside its
+        conversion, as sample.py guides)."""
+        teacher = self._teacher[0]
+        if y is None:
+            return teacher
+        guided = Guided(prediction.inner(teacher), self.num_classes, scale=self.guidance, labels=y)
+        return prediction.around(teacher, guided)
 
     def on_finite_step(self) -> None:
         super().on_finite_step()
@@ -280,13 +310,16 @@ class ConsistencyModule(DiffusionModule):
         g = torch.Generator(self.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
         with torch.no_grad():
             loss = self.training_loss(batch, generator=g)
-        self.log("val/consistency_loss", loss, sync_dist=True, batch_size=len(batch))
+        self.log("val/consistency_loss", loss, sync_dist=True, batch_size=len(self.split(batch)[0]))
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 1, *, use_ema: bool = True, seed: int = 0) -> Tensor:
         """n images [n, C, H, W] in [-1, 1] from `steps`-step consistency sampling (PCM: deterministic, as sample.py
         would draw them from the checkpoint)."""
-        net = cm.ConsistencyModel(self.eps_model(self.ema if use_ema else self.model), self.schedule, self.phases)
+        net = self.ema if use_ema else self.model
+        if self.num_classes is not None:  # image i of class i % num_classes, as sample.py draws them
+            net = conditional_net(net, torch.arange(n, device=self.device) % self.num_classes)
+        net = cm.ConsistencyModel(self.eps_model(net), self.schedule, self.phases)
         shape = self.config.get("image_shape") or (net.in_channels, net.resolution, net.resolution)
         g = torch.Generator(self.device).manual_seed(seed)
         x = torch.randn((n, *shape), generator=g, device=self.device)

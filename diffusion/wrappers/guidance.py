@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..schedule import Schedule
 
-__all__ = ["Guided", "sigma_of", "conditional_net", "num_classes_of"]
+__all__ = ["Guided", "sigma_of", "conditional_net", "num_classes_of", "find"]
 
 
 def sigma_of(schedule: Schedule, t: Tensor) -> Tensor:
@@ -39,11 +39,26 @@ def sigma_of(schedule: Schedule, t: Tensor) -> Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
+def _wrapped(net: nn.Module) -> nn.Module | None:
+    """The module a wrapper wraps: `.net` (Prediction, Guided, ConsistencyModel) or `.model` (DeepCache, Skip-Tuning,
+    Autocast); None for the network itself."""
+    inner = getattr(net, "net", None)
+    inner = inner if isinstance(inner, nn.Module) else getattr(net, "model", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
 def num_classes_of(net: nn.Module) -> int | None:
     """The label count of a (wrapped) class-conditional UNet; None for an unconditional one."""
-    while not hasattr(net, "num_classes") and hasattr(net, "model"):  # DeepCache, Skip-Tuning, Autocast
-        net = net.model
+    while not hasattr(net, "num_classes") and _wrapped(net) is not None:
+        net = _wrapped(net)
     return getattr(net, "num_classes", None)
+
+
+def find(net: nn.Module) -> Guided | None:
+    """The Guided wrapper inside a stack of wrappers (where sample.py sets each batch's labels), or None."""
+    while net is not None and not isinstance(net, Guided):
+        net = _wrapped(net)
+    return net
 
 
 def conditional_net(net: nn.Module, y: Tensor):
