@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-mode", type=int, default=300)
     parser.add_argument("--batch", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--out", default=str(RESULTS / "guidance_mixture.md"))
     args = parser.parse_args(argv)
+    scales, nfes = tuple(args.scales), tuple(args.nfe)
     torch.set_num_threads(1)
 
     net, sched, data, about = load_checkpoint(args.checkpoint, "cpu")
@@ -129,10 +132,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def row(name: str, sampler: str, make) -> None:
         rows[name] = {}
-        for nfe in NFES:
-            for w in SCALES:
+        for nfe in nfes:
+            for w in scales:
                 rows[name][nfe, w] = measure(make(w), labels, data, sched, sampler, nfe, x_T, args.batch)
-            print(name, nfe, [rows[name][nfe, w] for w in SCALES], flush=True)
+            print(name, nfe, [rows[name][nfe, w] for w in scales], flush=True)
 
     for sampler in SAMPLERS:
         row(f"exact, CFG, {sampler}", sampler, lambda w: Guided(exact, K, scale=w))
@@ -157,12 +160,12 @@ def main(argv: list[str] | None = None) -> None:
              "the requested mode / mean per-mode Frechet distance / spread (sample std over the mode's). "
              f"Noise floor of {args.per_mode} exact samples per mode: Frechet {noise_floor:.3f}. Interval: EDM sigma "
              f"in ({INTERVAL[0]}, {INTERVAL[1]}].", ""]  # fmt: skip
-    for nfe in NFES:
+    for nfe in nfes:
         lines += [f"#### {nfe} NFE (network calls per image; CFG's are 2B-row calls)", "",
-                  "| model, guidance, sampler | " + " | ".join(f"w = {w:g}" for w in SCALES) + " |",
-                  "|---|" + "---|" * len(SCALES)]  # fmt: skip
+                  "| model, guidance, sampler | " + " | ".join(f"w = {w:g}" for w in scales) + " |",
+                  "|---|" + "---|" * len(scales)]  # fmt: skip
         for name, cells in rows.items():
-            text = [f"{100 * r:.1f}% / {fd:.3f} / {s:.2f}" for r, fd, s in (cells[nfe, w] for w in SCALES)]
+            text = [f"{100 * r:.1f}% / {fd:.3f} / {s:.2f}" for r, fd, s in (cells[nfe, w] for w in scales)]
             lines.append(f"| {name} | " + " | ".join(text) + " |")
         lines.append("")
     lines += ["#### Cost of a guided step (the trained UNet, batch 64, one CPU thread)", "",
@@ -173,22 +176,22 @@ def main(argv: list[str] | None = None) -> None:
               "DDIM steps guided) |", ""]  # fmt: skip
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
-    plot(rows, noise_floor, Path(args.out).with_suffix(".png"))
+    plot(rows, noise_floor, Path(args.out).with_suffix(".png"), scales, nfes)
 
 
-def plot(rows: dict, noise_floor: float, path: Path) -> None:
+def plot(rows: dict, noise_floor: float, path: Path, scales: tuple, nfes: tuple) -> None:
     """Per-mode Frechet distance and spread against the scale, one line per row, one panel column per NFE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(NFES), figsize=(6 * len(NFES), 8), squeeze=False)
-    for j, nfe in enumerate(NFES):
+    fig, axes = plt.subplots(2, len(nfes), figsize=(6 * len(nfes), 8), squeeze=False)
+    for j, nfe in enumerate(nfes):
         for name, cells in rows.items():
             style = "--" if name.startswith("exact") else "-"
             for i in (0, 1):
-                axes[i][j].plot(SCALES, [cells[nfe, w][i + 1] for w in SCALES], style, marker="o", label=name)
+                axes[i][j].plot(scales, [cells[nfe, w][i + 1] for w in scales], style, marker="o", label=name)
         axes[0][j].axhline(noise_floor, color="grey", lw=0.8)
         axes[0][j].set(title=f"{nfe} NFE", ylabel="per-mode Frechet distance", yscale="log")
         axes[1][j].set(xlabel="guidance scale w (0: conditional)", ylabel="spread (std over the mode's)")

@@ -353,3 +353,31 @@ def test_consistency_training_takes_labels(tmp_path):
         "trainer.max_steps=2", "callbacks.samples.steps=1"]  # fmt: skip
     module = train(compose_config("train", ct, tmp_path))
     assert module.num_classes == 2 and module.model.class_embed is not None
+
+
+# ---------------------------------------------------------------- benchmarks/guidance_mixture.py
+
+
+def test_the_guidance_benchmark_writes_its_table_from_two_checkpoints(tmp_path):
+    """On an untrained conditional UNet: every row and scale is a cell; the exact rows draw the requested mode."""
+    from benchmarks.guidance_mixture import main
+
+    model = dict(in_channels=3, out_channels=3, resolution=8, ch=8, ch_mult=[1, 1], num_res_blocks=1,
+                 attn_resolutions=[], dropout=0.0, norm_groups=4, num_classes=3)  # fmt: skip
+    data = {"_target_": "diffusion.synthetic.Mixture", "root": "", "num_images": 16, "num_val": 4, "num_modes": 3,
+            "image_size": 8, "channels": 3, "batch_size": 4, "num_workers": 0, "seed": 0,
+            "conditional": True}  # fmt: skip
+    for name in ("last", "early"):
+        torch.manual_seed(len(name))
+        state = {f"ema.{k}": v for k, v in UNet(**model).state_dict().items()}
+        config = {"model": {"_target_": "diffusion.unet.UNet", **model}, "data": data,
+                  "schedule": {"_target_": "diffusion.schedule.linear", "T": 1000}}  # fmt: skip
+        torch.save({"state_dict": state, "config": config, "global_step": 7}, tmp_path / f"{name}.ckpt")
+    out = tmp_path / "g.md"
+    main(["--checkpoint", str(tmp_path / "last.ckpt"), "--guide", str(tmp_path / "early.ckpt"), "--per-mode", "8",
+          "--scales", "0", "2", "--nfe", "4", "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| exact") or line.startswith("| trained")]
+    assert len(rows) == 8 and all(line.count("%") == 2 for line in rows)
+    assert rows[0].startswith("| exact, CFG, DPM-Solver++(2M) | 100.0% / ")  # the exact conditional model
+    assert "x) | " in text.split("Cost of a guided step")[1] and out.with_suffix(".png").is_file()
