@@ -6,7 +6,8 @@
 The checkpoint is `python train.py experiment=mixture conditional=true logger=csv trainer.max_steps=4000
 callbacks.checkpoints.keep_every_n_steps=1000`; its step-1000 checkpoint is autoguidance's weaker guide (an earlier
 checkpoint of the same model, as Karras et al. 2024 allow). Image i asks for mode i % 6, `--per-mode` images each,
-from the same x_T in every cell; DPM-Solver++(2M) on log-SNR steps (and DDIM, UniPC for the exact model).
+from the same x_T in every cell; DPM-Solver++(2M) on log-SNR steps (and DDIM, UniPC, F-PNDM, DDPM, each on its
+paper's spacing, for the exact model; F-PNDM's NFE are steps + 9).
 
 Cells: share of samples nearest the requested mode's mean / per-mode Frechet distance to that mode's Gaussian
 (averaged over the modes; the floor is that of as many exact samples) / spread: the samples' per-pixel std around
@@ -40,7 +41,8 @@ SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
 NFES = (10, 50)
 INTERVAL = (0.28, 5.42)  # Kynkaenniemi et al. 2024's EDM2-S interval, in EDM's sigma
 SAMPLERS = {"DPM-Solver++(2M)": (sampling.dpm_solver, "logsnr"), "DDIM": (sampling.ddim, "leading"),
-            "UniPC-2": (sampling.unipc, "logsnr")}  # fmt: skip
+            "UniPC-2": (sampling.unipc, "logsnr"), "F-PNDM": (sampling.pndm, "leading"),
+            "DDPM": (sampling.ddpm, "linspace")}  # fmt: skip
 
 
 class Float64(torch.nn.Module):
@@ -61,7 +63,7 @@ def measure(model, labels, data: GaussianMixture, sched, sampler: str, nfe: int,
     out = []
     for x, y in zip(x_T.split(batch), labels.split(batch), strict=True):
         prediction.inner(model).condition(y)
-        out.append(fn(model, x, sched, ts))
+        out.append(fn(model, x, sched, ts, generator=torch.Generator().manual_seed(len(out))))
     out = torch.cat(out)
     right = float((data.nearest_mode(out) == labels).double().mean())
     fds, spreads = [], []

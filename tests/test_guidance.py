@@ -378,6 +378,6 @@ def test_the_guidance_benchmark_writes_its_table_from_two_checkpoints(tmp_path):
           "--scales", "0", "2", "--nfe", "4", "--out", str(out)])  # fmt: skip
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| exact") or line.startswith("| trained")]
-    assert len(rows) == 8 and all(line.count("%") == 2 for line in rows)
+    assert len(rows) == 10 and all(line.count("%") == 2 for line in rows)
     assert rows[0].startswith("| exact, CFG, DPM-Solver++(2M) | 100.0% / ")  # the exact conditional model
     assert "x) | " in text.split("Cost of a guided step")[1] and out.with_suffix(".png").is_file()
