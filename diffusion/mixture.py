@@ -22,7 +22,7 @@ from torch import Tensor
 from .frechet import frechet_distance
 from .schedule import Schedule, target
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "GaussianPosterior"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +138,31 @@ class GaussianMixture:
 
         return net
 
+    # ---------------------------------------------------------------- the posterior of a linear observation
+    def posterior(self, A: Tensor, y: Tensor, sigma_y: float = 0.0) -> GaussianPosterior:
+        """p(x | y) for y = A x + N(0, sigma_y^2 I): A [m, D] (diffusion.operators.matrix), y [m]. Again a mixture:
+        component k conditioned on y (Gaussian: mean mu_k + G_k (y - A mu_k), covariance s_k^2 (I - G_k A) with
+        G_k = s_k^2 A^T S_k^-1), its weight re-scored by the evidence N(y; A mu_k, S_k), S_k = s_k^2 A A^T +
+        sigma_y^2 I. sigma_y = 0 is exact too (G_k = A+): the samples then satisfy A x = y. Rows of A that are zero
+        (the missing pixels of inpainting) are dropped with their y. Float64."""
+        A, y = A.double(), y.double().reshape(-1)
+        kept = A.abs().sum(1) > 0  # rows that see nothing (an inpainting mask's missing pixels) say nothing
+        A, y = A[kept], y[kept]
+        mu = self.means.reshape(len(self.means), -1)
+        D, eye = mu.shape[1], torch.eye(A.shape[0], dtype=torch.float64)
+        means, covs, logw = [], [], []
+        for k in range(len(mu)):
+            s2 = float(self.std[k]) ** 2
+            S = s2 * (A @ A.T) + sigma_y**2 * eye
+            L = torch.linalg.cholesky(S)
+            gain = s2 * torch.cholesky_solve(A, L).T  # [D, m] = s_k^2 A^T S^-1
+            r = y - A @ mu[k]
+            means.append(mu[k] + gain @ r)
+            covs.append(s2 * (torch.eye(D, dtype=torch.float64) - gain @ A))
+            z = torch.linalg.solve_triangular(L, r[:, None], upper=False)[:, 0]
+            logw.append(self.weights[k].log() - 0.5 * (z @ z) - L.diagonal().log().sum())
+        return GaussianPosterior(torch.stack(means), torch.stack(covs), torch.stack(logw).softmax(0))
+
     # ---------------------------------------------------------------- distances to the mixture
     def moments(self) -> tuple[Tensor, Tensor]:
         """The mixture's mean [D] and covariance [D, D] (data flattened)."""
@@ -162,3 +187,33 @@ class GaussianMixture:
         """Total variation between the true weights and the fraction of `samples` nearest to each mean."""
         found = torch.bincount(self.nearest_mode(samples), minlength=len(self.means)) / len(samples)
         return 0.5 * float((found - self.weights).abs().sum())
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianPosterior:
+    """A mixture of Gaussians with full covariances (the posterior of a GaussianMixture given a linear observation):
+    `means` [K, D], `covs` [K, D, D], `weights` [K], float64, the data flattened."""
+
+    means: Tensor = field(repr=False)
+    covs: Tensor = field(repr=False)
+    weights: Tensor = field(repr=False)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n exact samples [n, D] (covariances may be singular: the noiseless posterior lies on A x = y)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        values, vectors = torch.linalg.eigh(self.covs)  # [K, D], [K, D, D]
+        root = vectors * values.clamp(min=0).sqrt()[:, None, :]
+        z = torch.randn((n, self.means.shape[1]), generator=generator, dtype=torch.float64)
+        return self.means[k] + torch.einsum("nij,nj->ni", root[k], z)
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """The posterior's mean [D] and covariance [D, D]."""
+        mean = self.weights @ self.means
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
+        return mean, second - torch.outer(mean, mean)
+
+    def frechet(self, samples: Tensor) -> float:
+        """Frechet distance between the Gaussian fit of `samples` [N, ...] and the posterior's mean and covariance."""
+        flat = samples.reshape(len(samples), -1).double().cpu()
+        mean, cov = self.moments()
+        return frechet_distance(flat.mean(0), torch.cov(flat.T).reshape(len(mean), -1), mean, cov)
