@@ -15,6 +15,7 @@ Where is X (no imports here: `import diffusion.schedule` stays cheap):
     checkpoints, diffusers folders, the registry          io/
     what train.py and sample.py need (options, resume)    cli/
     the exact Gaussian-mixture oracle                     mixture.py (Frechet distance: frechet.py)
+    editing's operators (inpaint, super-res, colorize)    operators.py (DDNM: sampling/ddnm.py)
     errors a user can fix; what a file may hold           errors.py; plain.py, weights.py
     images to uint8, grids, PNG, npz                      images.py
 
