@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # as a script: benchmarks.* from the repository r
 import torch  # noqa: E402
 
 from benchmarks.mixture_testbed import RESULTS, load_checkpoint  # noqa: E402
+from benchmarks.objectives import Float64  # noqa: E402
 from diffusion import sampling, timesteps  # noqa: E402
 from diffusion.mixture import GaussianMixture  # noqa: E402
 from diffusion.wrappers import prediction  # noqa: E402
@@ -43,17 +44,6 @@ INTERVAL = (0.28, 5.42)  # Kynkaenniemi et al. 2024's EDM2-S interval, in EDM's 
 SAMPLERS = {"DPM-Solver++(2M)": (sampling.dpm_solver, "logsnr"), "DDIM": (sampling.ddim, "leading"),
             "UniPC-2": (sampling.unipc, "logsnr"), "F-PNDM": (sampling.pndm, "leading"),
             "DDPM": (sampling.ddpm, "linspace")}  # fmt: skip
-
-
-class Float64(torch.nn.Module):
-    """A float32 network fed and read in float64, so that the sampler's arithmetic (and the guidance) is float64."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x.float(), t, y).double()
 
 
 def measure(model, labels, data: GaussianMixture, sched, sampler: str, nfe: int, x_T, batch: int) -> tuple:

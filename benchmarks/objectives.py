@@ -33,14 +33,15 @@ TARGETS, WEIGHTINGS, NFES = ("eps", "x0", "v"), ("uniform", "min_snr"), (10, 50)
 
 
 class Float64(torch.nn.Module):
-    """A float32 network fed and read in float64, so that the sampler's arithmetic is float64."""
+    """A float32 network fed and read in float64, so that the sampler's arithmetic is float64 (a conditional
+    network's labels y passed on)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x.float(), t).double()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float(), t, *y).double()
 
 
 def train_run(folder: Path, target: str, weighting: str, steps: int, every: int, seed: int) -> None:

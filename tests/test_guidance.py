@@ -23,11 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.mixture_testbed import image_mixture
 from diffusion import sampling, timesteps
 from diffusion import schedule as S
 from diffusion.errors import UsageError
-from diffusion.sampling import analytic
 from diffusion.unet import UNet
 from diffusion.wrappers.deepcache import DeepCache
 from diffusion.wrappers.guidance import Guided, sigma_of
@@ -37,21 +35,12 @@ from sample import sample
 from train import train
 
 from .conftest import TINY_RUN, compose_config
+from .test_prediction import DATA, exact_gamma, gen  # the same 4x4x2 mixture of three modes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA = image_mixture(image_size=4, channels=2, num_modes=3, std=0.2)
 K, N = 3, 600
 SCHEDULES = [S.linear(1000), S.cosine(1000)]
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def exact_gamma(schedule: S.Schedule) -> torch.Tensor:
-    return analytic.estimate_gamma(DATA.model(schedule), DATA.sample(200, gen(5)), schedule, batch_size=20000,
-                                   generator=gen(6))  # fmt: skip
 
 
 SAMPLERS = {  # name: (sampler, steps): 50 steps each, as many NFE as FON's 13 RK4 steps; DDPM needs more
